@@ -1,0 +1,31 @@
+# The README's set-up commands. Each target creates .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+
+.PHONY: test demo lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+test: $(BIN)/python
+	$(PIP) -e ".[test,flax]"
+	$(BIN)/python -m pytest -q
+
+demo: $(BIN)/python
+	$(PIP) -e ".[demo]"
+	$(BIN)/python -m jaxgrad.demo
+
+lint: $(BIN)/python
+	$(PIP) -e ".[dev]"
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pyright
+
+bench: $(BIN)/python
+	$(PIP) -e ".[test]"
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,52 @@
+"""jaxgrad: gradients as data in JAX.
+
+A port of the gradient utilities of the RBM library paysage: a `Gradient(layers,
+weights)` pytree and `grad_*` functions that map over, zip, reduce, build and flatten
+gradients. Every function accepts any pytree of arrays and works under `jax.jit`,
+`jax.grad` and `jax.vmap`.
+"""
+
+import importlib.metadata
+
+from ._constructors import null_grad as null_grad
+from ._constructors import random_grad as random_grad
+from ._constructors import zero_grad as zero_grad
+from ._flatten import grad_flatten as grad_flatten
+from ._flatten import grad_unflatten as grad_unflatten
+from ._gradient import Gradient as Gradient
+from ._maps import grad_apply as grad_apply
+from ._maps import grad_apply_ as grad_apply_
+from ._maps import grad_mapzip as grad_mapzip
+from ._maps import grad_mapzip_ as grad_mapzip_
+from ._reduce import grad_accumulate as grad_accumulate
+from ._reduce import grad_fold as grad_fold
+from ._reduce import grad_magnitude as grad_magnitude
+from ._reduce import grad_norm as grad_norm
+from ._reduce import grad_normalize as grad_normalize
+from ._reduce import grad_normalize_ as grad_normalize_
+from ._reduce import grad_rms as grad_rms
+
+try:
+    __version__ = importlib.metadata.version("jaxgrad")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+    __version__ = "0+unknown"
+
+__all__ = [
+    "Gradient",
+    "grad_accumulate",
+    "grad_apply",
+    "grad_apply_",
+    "grad_flatten",
+    "grad_fold",
+    "grad_magnitude",
+    "grad_mapzip",
+    "grad_mapzip_",
+    "grad_norm",
+    "grad_normalize",
+    "grad_normalize_",
+    "grad_rms",
+    "grad_unflatten",
+    "null_grad",
+    "random_grad",
+    "zero_grad",
+]

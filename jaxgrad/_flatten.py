@@ -1,0 +1,86 @@
+"""A gradient as one flat vector and back: `grad_flatten`, `grad_unflatten`."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._typing import Array, ArrayLike, PyTree
+
+
+def _common_dtype(dtypes: list[np.dtype]) -> np.dtype:
+    if not dtypes:
+        return np.dtype(np.float32)
+    with jax.numpy_dtype_promotion("standard"):
+        return np.dtype(jnp.result_type(*dtypes))
+
+
+def grad_flatten(grad: PyTree) -> Array:
+    """All entries of a gradient as one 1-D vector.
+
+    Leaves come in `jax.tree.leaves` order, each raveled in C order and concatenated.
+    Leaves of one dtype keep it; mixed dtypes are promoted by JAX's standard rules
+    (float16 with bfloat16 gives float32), and `grad_unflatten` casts them back. An
+    empty gradient gives a float32 vector of length 0.
+
+    Args:
+        grad: a `Gradient` or any pytree of arrays.
+
+    Returns:
+        A 1-D array of length equal to the total number of entries.
+
+    Example:
+        >>> jaxgrad.grad_flatten({"a": jnp.ones((2, 2)), "b": jnp.zeros(1)})
+        Array([1., 1., 1., 1., 0.], dtype=float32)
+    """
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
+    dtype = _common_dtype([x.dtype for x in leaves])
+    if not leaves:
+        return jnp.zeros((0,), dtype)
+    return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+
+
+def grad_unflatten(vector: ArrayLike, like: PyTree) -> PyTree:
+    """The inverse of `grad_flatten`: a vector cut back into a gradient shaped like `like`.
+
+    The result has the structure, shapes and dtypes of `like`, whose leaves may be
+    arrays or anything with `shape` and `dtype` (such as `jax.ShapeDtypeStruct`).
+    `grad_unflatten(grad_flatten(g), g)` is `g` exactly.
+
+    Args:
+        vector: a 1-D array with as many entries as `like` has.
+        like: the template: a `Gradient` or any pytree of arrays or shape-dtype structs.
+
+    Returns:
+        A pytree with the structure, shapes and dtypes of `like`.
+
+    Raises:
+        ValueError: if `vector` is not 1-D or its length differs from the number of
+            entries of `like` (both lengths are named).
+
+    Example:
+        >>> like = jaxgrad.Gradient([jnp.zeros(2)], [jnp.zeros((1, 2))])
+        >>> jaxgrad.grad_unflatten(jnp.arange(4.0), like).weights[0]
+        Array([[2., 3.]], dtype=float32)
+    """
+    vector = jnp.asarray(vector)
+    if vector.ndim != 1:
+        raise ValueError(f"`vector` must be 1-D; got shape {tuple(vector.shape)}.")
+    templates, treedef = jax.tree.flatten(like)
+    shapes = [tuple(np.shape(t)) for t in templates]
+    sizes = [math.prod(s) for s in shapes]
+    total = sum(sizes)
+    if vector.shape[0] != total:
+        raise ValueError(
+            f"`vector` has length {vector.shape[0]}, but `like` has {total} entries; "
+            "they must be equal."
+        )
+    leaves = []
+    start = 0
+    for template, shape, size in zip(templates, shapes, sizes):
+        dtype = getattr(template, "dtype", None) or jnp.result_type(template)
+        piece = jax.lax.slice_in_dim(vector, start, start + size)
+        leaves.append(piece.reshape(shape).astype(dtype))
+        start += size
+    return jax.tree.unflatten(treedef, leaves)

@@ -1,0 +1,127 @@
+"""Entrywise maps over one gradient or the zip of two: `grad_apply`, `grad_mapzip`."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from ._structure import check_callable, check_same_structure
+from ._typing import PyTree
+
+
+def grad_apply(func: Callable[[Any], Any], grad: PyTree) -> PyTree:
+    """Apply a function to every leaf of a gradient.
+
+    The result has the structure of `grad` (a `Gradient` stays a `Gradient`, an
+    `nnx.State` an `nnx.State`); leaf shapes and dtypes are whatever `func` returns.
+    `None` subtrees are empty, as in `jax.tree.map`; an empty tree maps to itself.
+    `func` is called as plain Python, so it sees the current value of any global it
+    reads; wrap the call in `jax.jit` for speed.
+
+    Args:
+        func: a function of one array.
+        grad: a `Gradient` or any pytree of arrays.
+
+    Returns:
+        A pytree with the structure of `grad`.
+
+    Raises:
+        TypeError: if `func` is not callable.
+
+    Example:
+        >>> jaxgrad.grad_apply(jnp.square, {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)})
+        {'b': Array(9., dtype=float32), 'w': Array([1., 4.], dtype=float32)}
+    """
+    check_callable("func", func)
+    return jax.tree.map(func, grad)
+
+
+def grad_apply_(func_: Callable[[Any], Any], grad: PyTree) -> PyTree:
+    """Apply a function to every leaf of a gradient: paysage's in-place variant.
+
+    paysage's `grad_apply_` modified `grad` in place and returned `None`. JAX arrays are
+    immutable, so here `func_` must return the new leaf and the result is a new tree
+    with the structure of `grad`; `grad` itself is never modified. The result equals
+    `grad_apply(func_, grad)`.
+
+    Args:
+        func_: a function of one array that returns the updated array.
+        grad: a `Gradient` or any pytree of arrays.
+
+    Returns:
+        A pytree with the structure of `grad`.
+
+    Raises:
+        TypeError: if `func_` is not callable.
+
+    Example:
+        >>> g = jaxgrad.Gradient([jnp.array([1.0, -2.0])], [])
+        >>> jaxgrad.grad_apply_(lambda x: x * 0.5, g).layers[0]
+        Array([ 0.5, -1. ], dtype=float32)
+    """
+    check_callable("func_", func_)
+    return jax.tree.map(func_, grad)
+
+
+def grad_mapzip(func: Callable[[Any, Any], Any], grad1: PyTree, grad2: PyTree) -> PyTree:
+    """Apply a function of two arrays over the zip of two gradients, leaf by leaf.
+
+    Calls `func(leaf1, leaf2)` for each pair of corresponding leaves; the result has the
+    structure of `grad1`. The two trees must have the same structure (`None` subtrees
+    included); leaves are passed as they are, so broadcasting between them is `func`'s
+    business.
+
+    Args:
+        func: a function of two arrays.
+        grad1: a `Gradient` or any pytree of arrays.
+        grad2: a pytree with the same structure as `grad1`.
+
+    Returns:
+        A pytree with the structure of `grad1`.
+
+    Raises:
+        TypeError: if `func` is not callable.
+        ValueError: if the structures differ; the message names the first differing
+            key path and what each side has there.
+
+    Example:
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(1.0)}
+        >>> b = {"w": jnp.array([10.0, 20.0]), "b": jnp.array(2.0)}
+        >>> jaxgrad.grad_mapzip(jnp.add, a, b)
+        {'b': Array(3., dtype=float32), 'w': Array([11., 22.], dtype=float32)}
+    """
+    check_callable("func", func)
+    check_same_structure("grad1", grad1, "grad2", grad2)
+    return jax.tree.map(func, grad1, grad2)
+
+
+def grad_mapzip_(func_: Callable[[Any, Any], Any], grad1: PyTree, grad2: PyTree) -> PyTree:
+    """Apply a function of two arrays over the zip of two gradients: the in-place variant.
+
+    paysage's `grad_mapzip_` updated `grad1` in place. Here `func_(leaf1, leaf2)` must
+    return the updated `leaf1`, and the result is a new tree with the structure of
+    `grad1`; neither input is modified. The result equals `grad_mapzip(func_, grad1,
+    grad2)`.
+
+    Args:
+        func_: a function of two arrays returning the updated first one.
+        grad1: a `Gradient` or any pytree of arrays.
+        grad2: a pytree with the same structure as `grad1`.
+
+    Returns:
+        A pytree with the structure of `grad1`.
+
+    Raises:
+        TypeError: if `func_` is not callable.
+        ValueError: if the structures differ (the message names the first differing
+            key path).
+
+    Example:
+        >>> mean = {"w": jnp.zeros(2)}
+        >>> g = {"w": jnp.array([1.0, 2.0])}
+        >>> jaxgrad.grad_mapzip_(lambda m, x: 0.9 * m + 0.1 * x, mean, g)
+        {'w': Array([0.1, 0.2], dtype=float32)}
+    """
+    check_callable("func_", func_)
+    check_same_structure("grad1", grad1, "grad2", grad2)
+    return jax.tree.map(func_, grad1, grad2)

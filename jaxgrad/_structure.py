@@ -1,0 +1,127 @@
+"""Tree-structure checks with error messages that name the first differing key path."""
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from ._typing import PyTree
+
+_PathEntry = Any
+
+
+def short_dtype(dtype: Any) -> str:
+    """Short dtype name in the style of `jax.ShapeDtypeStruct` (`f32`, `bf16`, `i32`)."""
+    name = np.dtype(dtype).name
+    for long, short in (("bfloat", "bf"), ("float", "f"), ("complex", "c"), ("uint", "u"), ("int", "i")):
+        if name.startswith(long):
+            return short + name[len(long) :]
+    return name
+
+
+def describe_leaf(leaf: Any) -> str:
+    """`f32[3,4]` for anything with a shape and dtype, else the type name."""
+    shape = getattr(leaf, "shape", None)
+    dtype = getattr(leaf, "dtype", None)
+    if shape is not None and dtype is not None:
+        try:
+            return f"{short_dtype(dtype)}[{','.join(str(d) for d in shape)}]"
+        except TypeError:  # a dtype numpy does not know, e.g. a PRNG key
+            return f"{dtype}[{','.join(str(d) for d in shape)}]"
+    return type(leaf).__name__
+
+
+def _key_name(key: Any) -> Any:
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return str(key)
+
+
+def _one_level(node: Any) -> tuple[list[tuple[Any, Any]], Any]:
+    """Children of `node` with their key entries, and the one-level treedef."""
+    pairs, treedef = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    return [(path[0], child) for path, child in pairs if path], treedef
+
+
+def describe_node(node: Any) -> str:
+    """One phrase saying what a tree node is, for error messages."""
+    if node is None:
+        return "None"
+    children, treedef = _one_level(node)
+    if treedef.num_nodes == 1 and treedef.num_leaves == 1 and not children:
+        return f"a leaf {describe_leaf(node)}"
+    keys = [_key_name(k) for k, _ in children]
+    return f"a {type(node).__name__} with keys {keys}"
+
+
+def first_difference(a: PyTree, b: PyTree) -> tuple[str, str, str] | None:
+    """The first key path where two trees differ, with a description of each side.
+
+    Returns `None` when the trees have the same structure.
+    """
+    if jax.tree.structure(a) == jax.tree.structure(b):
+        return None
+
+    def walk(x: Any, y: Any, path: tuple[_PathEntry, ...]) -> tuple[str, str, str] | None:
+        cx, tx = _one_level(x)
+        cy, ty = _one_level(y)
+        if tx != ty or (x is None) != (y is None):
+            return jax.tree_util.keystr(path), describe_node(x), describe_node(y)
+        for (kx, vx), (_, vy) in zip(cx, cy):
+            found = walk(vx, vy, (*path, kx))
+            if found is not None:
+                return found
+        return None
+
+    found = walk(a, b, ())
+    # Unreachable in practice: different treedefs always differ at some node.
+    return found if found is not None else ("", str(jax.tree.structure(a)), str(jax.tree.structure(b)))
+
+
+def check_same_structure(name1: str, tree1: PyTree, name2: str, tree2: PyTree) -> None:
+    """Raise `ValueError` naming the first differing key path if the structures differ."""
+    diff = first_difference(tree1, tree2)
+    if diff is None:
+        return
+    path, d1, d2 = diff
+    where = path if path else "the root"
+    raise ValueError(
+        f"`{name1}` and `{name2}` must have the same structure; they first differ at "
+        f"{where}: `{name1}` has {d1}, `{name2}` has {d2}."
+    )
+
+
+def check_same_shapes(name1: str, tree1: PyTree, name2: str, tree2: PyTree) -> None:
+    """After `check_same_structure`: raise `ValueError` at the first leaf whose shapes differ."""
+    pairs = jax.tree_util.tree_flatten_with_path(tree1)[0]
+    for (path, x), y in zip(pairs, jax.tree.leaves(tree2)):
+        if np.shape(x) != np.shape(y):
+            raise ValueError(
+                f"`{name1}` and `{name2}` must have leaves of the same shapes; at "
+                f"{jax.tree_util.keystr(path)} `{name1}` has {describe_leaf(x)}, "
+                f"`{name2}` has {describe_leaf(y)}."
+            )
+
+
+def check_callable(name: str, func: Any) -> None:
+    """Raise `TypeError` unless `func` is callable."""
+    if not callable(func):
+        raise TypeError(f"`{name}` must be callable; got {type(func).__name__} {func!r}.")
+
+
+def check_array_leaves(name: str, tree: PyTree) -> None:
+    """Raise `TypeError` at the first leaf that is not an array or a scalar number."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not _is_array_like(leaf):
+            raise TypeError(
+                f"`{name}` must be a pytree of arrays; at {jax.tree_util.keystr(path) or 'the root'} "
+                f"it has a {type(leaf).__name__}: {leaf!r:.80}."
+            )
+
+
+def _is_array_like(leaf: Any) -> bool:
+    if isinstance(leaf, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
+        return True
+    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+
