@@ -24,7 +24,7 @@ def _nnx_module_type() -> type | None:
 
 
 def _is_layered(model: Any) -> bool:
-    """paysage's model protocol: `layers` and `weights` sequences of objects with `params`."""
+    """Paysage's model protocol: `layers` and `weights` sequences of objects with `params`."""
     if isinstance(model, Gradient):
         return False
     layers = getattr(model, "layers", None)
@@ -115,7 +115,8 @@ def random_grad(model: Any, key: Array, *, sampler: Sampler = jax.random.uniform
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves)) if leaves else []
     values = [
-        sampler(k, tuple(jnp.shape(x)), jnp.result_type(x)) for k, x in zip(keys, leaves)
+        sampler(k, tuple(jnp.shape(x)), jnp.result_type(x))
+        for k, x in zip(keys, leaves, strict=True)
     ]
     return jax.tree.unflatten(treedef, values)
 

@@ -78,7 +78,7 @@ def grad_unflatten(vector: ArrayLike, like: PyTree) -> PyTree:
         )
     leaves = []
     start = 0
-    for template, shape, size in zip(templates, shapes, sizes):
+    for template, shape, size in zip(templates, shapes, sizes, strict=True):
         dtype = getattr(template, "dtype", None) or jnp.result_type(template)
         piece = jax.lax.slice_in_dim(vector, start, start + size)
         leaves.append(piece.reshape(shape).astype(dtype))

@@ -14,11 +14,18 @@ from ._structure import check_same_shapes, check_same_structure, describe_leaf
 from ._typing import PyTree
 
 
-def _is_scalar(value: Any) -> bool:
+def _is_scalar(value: Any, symbol: str) -> bool:
+    """Whether `value` is a scalar operand; raises for arrays that are not 0-d."""
     if isinstance(value, numbers.Number):
         return True
     if isinstance(value, (jax.Array, np.ndarray, np.generic)):
-        return np.ndim(value) == 0
+        if np.ndim(value) != 0:
+            raise TypeError(
+                f"`Gradient {symbol} array` needs a scalar (0-d) array; got "
+                f"{describe_leaf(value)}. Use `grad_apply` or `grad_mapzip` for leafwise "
+                "operations with arrays."
+            )
+        return True
     return False
 
 
@@ -54,6 +61,9 @@ class Gradient:
     layers: PyTree
     weights: PyTree
 
+    # numpy defers to our reflected operators instead of broadcasting over the object.
+    __array_ufunc__ = None
+
     def replace(self, **fields: PyTree) -> Gradient:
         """A new `Gradient` with the given fields replaced.
 
@@ -71,12 +81,12 @@ class Gradient:
 
     # Arithmetic -----------------------------------------------------------------
 
-    def _zip(self, other: Any, op: Any) -> Gradient:
+    def _zip(self, other: Any, op: Any, symbol: str) -> Gradient:
         if isinstance(other, Gradient):
             check_same_structure("self", self, "other", other)
             check_same_shapes("self", self, "other", other)
             return jax.tree.map(op, self, other)
-        if _is_scalar(other):
+        if _is_scalar(other, symbol):
             return jax.tree.map(lambda x: op(x, other), self)
         return NotImplemented
 
@@ -86,21 +96,21 @@ class Gradient:
                 f"`Gradient {symbol} Gradient` is not defined: `{symbol}` takes a scalar; "
                 "for an elementwise product use `grad_mapzip(jnp.multiply, grad1, grad2)`."
             )
-        if _is_scalar(other):
+        if _is_scalar(other, symbol):
             return jax.tree.map(lambda x: op(x, other), self)
         return NotImplemented
 
     def __add__(self, other: Any) -> Gradient:
-        return self._zip(other, jnp.add)
+        return self._zip(other, jnp.add, "+")
 
     def __radd__(self, other: Any) -> Gradient:
-        return self._zip(other, lambda x, y: jnp.add(y, x))
+        return self._zip(other, lambda x, y: jnp.add(y, x), "+")
 
     def __sub__(self, other: Any) -> Gradient:
-        return self._zip(other, jnp.subtract)
+        return self._zip(other, jnp.subtract, "-")
 
     def __rsub__(self, other: Any) -> Gradient:
-        return self._zip(other, lambda x, y: jnp.subtract(y, x))
+        return self._zip(other, lambda x, y: jnp.subtract(y, x), "-")
 
     def __mul__(self, other: Any) -> Gradient:
         return self._scale(other, jnp.multiply, "*")

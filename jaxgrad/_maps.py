@@ -29,8 +29,8 @@ def grad_apply(func: Callable[[Any], Any], grad: PyTree) -> PyTree:
         TypeError: if `func` is not callable.
 
     Example:
-        >>> jaxgrad.grad_apply(jnp.square, {"w": jnp.array([1.0, 2.0]), "b": jnp.array(3.0)})
-        {'b': Array(9., dtype=float32), 'w': Array([1., 4.], dtype=float32)}
+        >>> jaxgrad.grad_apply(jnp.square, {"w": jnp.array([1.0, 2.0]), "b": jnp.array([3.0])})
+        {'b': Array([9.], dtype=float32), 'w': Array([1., 4.], dtype=float32)}
     """
     check_callable("func", func)
     return jax.tree.map(func, grad)
@@ -85,10 +85,10 @@ def grad_mapzip(func: Callable[[Any, Any], Any], grad1: PyTree, grad2: PyTree) -
             key path and what each side has there.
 
     Example:
-        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(1.0)}
-        >>> b = {"w": jnp.array([10.0, 20.0]), "b": jnp.array(2.0)}
+        >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array([1.0])}
+        >>> b = {"w": jnp.array([10.0, 20.0]), "b": jnp.array([2.0])}
         >>> jaxgrad.grad_mapzip(jnp.add, a, b)
-        {'b': Array(3., dtype=float32), 'w': Array([11., 22.], dtype=float32)}
+        {'b': Array([3.], dtype=float32), 'w': Array([11., 22.], dtype=float32)}
     """
     check_callable("func", func)
     check_same_structure("grad1", grad1, "grad2", grad2)

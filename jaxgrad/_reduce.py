@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._structure import check_callable, describe_leaf
+from ._structure import check_callable, describe_leaf, where
 from ._typing import Array, ArrayLike, PyTree
 
 
@@ -28,8 +28,8 @@ def _leaves(grad: PyTree) -> list[Array]:
 
 def _safe_sqrt(x: Array) -> Array:
     """`sqrt(x)` whose derivative at 0 is 0 rather than inf (so `jax.grad` stays finite)."""
-    positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+    zero = x == 0  # NaN and inf are not zero, so they propagate
+    return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, x)))
 
 
 def _sum_of_squares(leaves: list[Array], dtype: np.dtype) -> Array:
@@ -78,7 +78,7 @@ def grad_accumulate(func: Callable[[Any], ArrayLike], grad: PyTree) -> Array:
         if value.shape != ():
             raise ValueError(
                 f"`func` must return a scalar for every leaf of `grad`; at "
-                f"{jax.tree_util.keystr(path) or 'the root'} it returned {describe_leaf(value)}."
+                f"{where(path)} it returned {describe_leaf(value)}."
             )
         results.append(value)
     if not results:
@@ -191,7 +191,7 @@ def _check_inexact(name: str, grad: PyTree) -> None:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             raise TypeError(
                 f"`{name}` must have floating-point or complex leaves; at "
-                f"{jax.tree_util.keystr(path) or 'the root'} it has {describe_leaf(jnp.asarray(leaf))}."
+                f"{where(path)} it has {describe_leaf(jnp.asarray(leaf))}."
             )
 
 

@@ -13,7 +13,13 @@ _PathEntry = Any
 def short_dtype(dtype: Any) -> str:
     """Short dtype name in the style of `jax.ShapeDtypeStruct` (`f32`, `bf16`, `i32`)."""
     name = np.dtype(dtype).name
-    for long, short in (("bfloat", "bf"), ("float", "f"), ("complex", "c"), ("uint", "u"), ("int", "i")):
+    for long, short in (
+        ("bfloat", "bf"),
+        ("float", "f"),
+        ("complex", "c"),
+        ("uint", "u"),
+        ("int", "i"),
+    ):
         if name.startswith(long):
             return short + name[len(long) :]
     return name
@@ -29,6 +35,11 @@ def describe_leaf(leaf: Any) -> str:
         except TypeError:  # a dtype numpy does not know, e.g. a PRNG key
             return f"{dtype}[{','.join(str(d) for d in shape)}]"
     return type(leaf).__name__
+
+
+def where(path: tuple[Any, ...]) -> str:
+    """A key path as text for error messages: `['a'][0]`, or `the root` for `()`."""
+    return jax.tree_util.keystr(path) or "the root"
 
 
 def _key_name(key: Any) -> Any:
@@ -67,16 +78,17 @@ def first_difference(a: PyTree, b: PyTree) -> tuple[str, str, str] | None:
         cx, tx = _one_level(x)
         cy, ty = _one_level(y)
         if tx != ty or (x is None) != (y is None):
-            return jax.tree_util.keystr(path), describe_node(x), describe_node(y)
-        for (kx, vx), (_, vy) in zip(cx, cy):
+            return where(path), describe_node(x), describe_node(y)
+        for (kx, vx), (_, vy) in zip(cx, cy, strict=True):
             found = walk(vx, vy, (*path, kx))
             if found is not None:
                 return found
         return None
 
     found = walk(a, b, ())
-    # Unreachable in practice: different treedefs always differ at some node.
-    return found if found is not None else ("", str(jax.tree.structure(a)), str(jax.tree.structure(b)))
+    if found is None:  # unreachable: different treedefs differ at some node
+        return "the root", str(jax.tree.structure(a)), str(jax.tree.structure(b))
+    return found
 
 
 def check_same_structure(name1: str, tree1: PyTree, name2: str, tree2: PyTree) -> None:
@@ -85,21 +97,20 @@ def check_same_structure(name1: str, tree1: PyTree, name2: str, tree2: PyTree) -
     if diff is None:
         return
     path, d1, d2 = diff
-    where = path if path else "the root"
     raise ValueError(
         f"`{name1}` and `{name2}` must have the same structure; they first differ at "
-        f"{where}: `{name1}` has {d1}, `{name2}` has {d2}."
+        f"{path}: `{name1}` has {d1}, `{name2}` has {d2}."
     )
 
 
 def check_same_shapes(name1: str, tree1: PyTree, name2: str, tree2: PyTree) -> None:
     """After `check_same_structure`: raise `ValueError` at the first leaf whose shapes differ."""
     pairs = jax.tree_util.tree_flatten_with_path(tree1)[0]
-    for (path, x), y in zip(pairs, jax.tree.leaves(tree2)):
+    for (path, x), y in zip(pairs, jax.tree.leaves(tree2), strict=True):
         if np.shape(x) != np.shape(y):
             raise ValueError(
                 f"`{name1}` and `{name2}` must have leaves of the same shapes; at "
-                f"{jax.tree_util.keystr(path)} `{name1}` has {describe_leaf(x)}, "
+                f"{where(path)} `{name1}` has {describe_leaf(x)}, "
                 f"`{name2}` has {describe_leaf(y)}."
             )
 
@@ -115,7 +126,7 @@ def check_array_leaves(name: str, tree: PyTree) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if not _is_array_like(leaf):
             raise TypeError(
-                f"`{name}` must be a pytree of arrays; at {jax.tree_util.keystr(path) or 'the root'} "
+                f"`{name}` must be a pytree of arrays; at {where(path)} "
                 f"it has a {type(leaf).__name__}: {leaf!r:.80}."
             )
 
@@ -124,4 +135,3 @@ def _is_array_like(leaf: Any) -> bool:
     if isinstance(leaf, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
         return True
     return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
-

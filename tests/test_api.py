@@ -1,0 +1,43 @@
+import importlib.metadata
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+import jaxgrad as jg
+from jaxgrad import gradient_util as gu
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_paysage_module_exposes_exactly_the_same_api():
+    assert gu.__all__ == jg.__all__
+    for name in jg.__all__:
+        assert getattr(gu, name) is getattr(jg, name)
+
+
+def test_all_is_sorted_and_complete():
+    public = {
+        n
+        for n, v in vars(jg).items()
+        if not n.startswith("_") and (inspect.isfunction(v) or inspect.isclass(v))
+    }
+    assert public == set(jg.__all__)
+    assert jg.__all__[1:] == sorted(jg.__all__[1:])
+
+
+@pytest.mark.parametrize("name", jg.__all__)
+def test_every_public_name_has_a_docstring_with_an_example(name):
+    doc = inspect.getdoc(getattr(jg, name)) or ""
+    assert doc.splitlines()[0].endswith("."), name
+    assert "Example:" in doc and ">>> " in doc, name
+
+
+@pytest.mark.parametrize("name", jg.__all__)
+def test_every_public_name_is_in_the_readme_api_table(name):
+    assert re.search(rf"^\| `{re.escape(name)}[(`]", README.read_text(), re.M), name
+
+
+def test_version_comes_from_the_package_metadata():
+    assert jg.__version__ == importlib.metadata.version("jaxgrad")

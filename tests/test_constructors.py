@@ -1,0 +1,223 @@
+import dataclasses
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax.tree_utils as otu
+import pytest
+from flax import linen, nnx
+
+import jaxgrad as jg
+from conftest import make_tree
+
+
+@dataclasses.dataclass
+class Layer:
+    params: Any
+
+
+@dataclasses.dataclass
+class LayeredModel:
+    """paysage's model protocol: layers and weights, each item carrying `params`."""
+
+    layers: list
+    weights: list
+
+
+def _rbm(num_visible=4, num_hidden=3, dtype=jnp.float32):
+    return LayeredModel(
+        layers=[
+            Layer({"bias": jnp.ones(num_visible, dtype)}),
+            Layer({"bias": jnp.ones(num_hidden, dtype)}),
+        ],
+        weights=[Layer({"W": jnp.ones((num_visible, num_hidden), dtype)})],
+    )
+
+
+class _Net(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(10, 4, rngs=rngs)
+        self.conv = nnx.Conv(4, 3, kernel_size=(3,), rngs=rngs)
+        self.norm = nnx.BatchNorm(3, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+        self.out = nnx.Linear(3, 2, rngs=rngs)
+
+    def __call__(self, ids):
+        x = self.conv(self.embed(ids))
+        return self.out(self.drop(self.norm(x)))
+
+
+# -- zero_grad ------------------------------------------------------------------------
+
+
+def test_zero_grad_of_pytree_keeps_structure_shapes_dtypes(maybe_jit, tree_kind, dtype):
+    tree = make_tree(tree_kind, dtype)
+    out = maybe_jit(jg.zero_grad)(tree)
+    assert type(out) is type(tree)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, tree)
+    assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(out))
+    chex.assert_trees_all_equal(out, otu.tree_zeros_like(tree))
+
+
+def test_zero_grad_of_layered_model_is_a_gradient():
+    out = jg.zero_grad(_rbm(dtype=jnp.bfloat16))
+    assert isinstance(out, jg.Gradient)
+    assert (
+        repr(out)
+        == "Gradient(layers=[{'bias': bf16[4]}, {'bias': bf16[3]}], weights=[{'W': bf16[4,3]}])"
+    )
+    assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(out))
+
+
+def test_zero_grad_of_nnx_module_matches_nnx_grad():
+    model = _Net(nnx.Rngs(0))
+    expected = nnx.grad(lambda m: jnp.sum(m(jnp.array([[1, 2, 3, 4]]))))(model)
+    out = jg.zero_grad(model)
+    assert type(out) is nnx.State
+    assert jax.tree.structure(out) == jax.tree.structure(expected)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, expected)
+    paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(out)[0]}
+    assert not any("mean" in p or "var" in p or "rngs" in p for p in paths)  # Params only
+
+
+def test_zero_grad_of_linen_params():
+    params = linen.Dense(3).init(jax.random.key(0), jnp.ones((1, 2)))["params"]
+    out = jg.zero_grad(params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, params)
+    expected = jax.grad(
+        lambda p: 0.0 * jnp.sum(linen.Dense(3).apply({"params": p}, jnp.ones((1, 2))))
+    )(params)
+    assert jax.tree.structure(out) == jax.tree.structure(expected)
+
+
+def test_zero_grad_rejects_non_array_leaves():
+    with pytest.raises(
+        TypeError, match=r"`model` must be a pytree of arrays; at \['name'\] it has a str: 'dense'"
+    ):
+        jg.zero_grad({"name": "dense", "w": jnp.ones(2)})
+    with pytest.raises(
+        TypeError, match=r"`model` must be a pytree of arrays; at the root it has a object"
+    ):
+        jg.zero_grad(object())
+
+
+# -- random_grad ----------------------------------------------------------------------
+
+
+def test_random_grad_structure_and_range(maybe_jit, tree_kind, dtype):
+    tree = make_tree(tree_kind, dtype)
+    out = maybe_jit(jg.random_grad)(tree, jax.random.key(0))
+    assert jax.tree.structure(out) == jax.tree.structure(tree)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, tree)
+    for x in jax.tree.leaves(out):
+        assert bool(jnp.all((x >= 0) & (x < 1)))
+
+
+def test_random_grad_is_deterministic_and_key_dependent():
+    tree = make_tree("gradient")
+    a = jg.random_grad(tree, jax.random.key(1))
+    b = jg.random_grad(tree, jax.random.key(1))
+    c = jg.random_grad(tree, jax.random.key(2))
+    chex.assert_trees_all_equal(a, b)
+    assert not np.allclose(a.weights[0]["W"], c.weights[0]["W"])
+
+
+def test_random_grad_uses_an_independent_key_per_leaf():
+    tree = {"a": jnp.zeros(64), "b": jnp.zeros(64)}
+    out = jg.random_grad(tree, jax.random.key(0))
+    assert not np.allclose(out["a"], out["b"])
+    keys = jax.random.split(jax.random.key(0), 2)
+    np.testing.assert_array_equal(out["a"], jax.random.uniform(keys[0], (64,)))
+    np.testing.assert_array_equal(out["b"], jax.random.uniform(keys[1], (64,)))
+
+
+def test_random_grad_accepts_raw_keys_and_custom_sampler():
+    tree = {"w": jnp.zeros((500,))}
+    out = jg.random_grad(tree, jax.random.PRNGKey(0), sampler=jax.random.normal)
+    assert float(jnp.min(out["w"])) < 0 < float(jnp.max(out["w"]))
+    calls = []
+
+    def sampler(key, shape, dtype):
+        calls.append((shape, jnp.dtype(dtype)))
+        return jnp.full(shape, 7, dtype)
+
+    out = jg.random_grad({"w": jnp.zeros((2, 3), jnp.float16)}, jax.random.key(0), sampler=sampler)
+    assert calls == [((2, 3), jnp.dtype(jnp.float16))]
+    np.testing.assert_array_equal(out["w"], 7)
+
+
+def test_random_grad_of_layered_model_and_nnx_module():
+    g = jg.random_grad(_rbm(), jax.random.key(0))
+    assert isinstance(g, jg.Gradient) and g.weights[0]["W"].shape == (4, 3)
+    model = _Net(nnx.Rngs(0))
+    r = jg.random_grad(model, jax.random.key(0))
+    assert jax.tree.structure(r) == jax.tree.structure(jg.zero_grad(model))
+
+
+def test_random_grad_under_vmap_over_keys():
+    keys = jax.random.split(jax.random.key(0), 3)
+    out = jax.vmap(lambda k: jg.random_grad({"w": jnp.zeros(4)}, k))(keys)
+    assert out["w"].shape == (3, 4)
+    assert not np.allclose(out["w"][0], out["w"][1])
+
+
+@pytest.mark.parametrize(
+    ("key", "shown"),
+    [
+        (0, "int 0"),
+        (jnp.ones(2), r"f32\[2\]"),
+        (jax.random.split(jax.random.key(0), 2), r"key<fry>\[2\]"),
+    ],
+    ids=["int", "float-array", "batched-keys"],
+)
+def test_random_grad_rejects_bad_keys(key, shown):
+    with pytest.raises(
+        TypeError,
+        match=rf"`key` must be a single JAX PRNG key such as `jax.random.key\(0\)`; got {shown}\.",
+    ):
+        jg.random_grad({"w": jnp.zeros(2)}, key)
+
+
+def test_random_grad_rejects_non_callable_sampler():
+    with pytest.raises(TypeError, match="`sampler` must be callable"):
+        jg.random_grad({"w": jnp.zeros(2)}, jax.random.key(0), sampler="normal")  # type: ignore[arg-type]
+
+
+def test_paysage_rbm_random_grad_norm_and_normalize():
+    """A 1000x1000 RBM: uniform [0, 1) entries have mean square 1/3, so norm ~ sqrt(N/3)."""
+    model = _rbm(1000, 1000)
+    g = jg.random_grad(model, jax.random.key(0))
+    n = 1000 * 1000 + 2000
+    np.testing.assert_allclose(jg.grad_norm(g), np.sqrt(n / 3), rtol=2e-3)
+    np.testing.assert_allclose(jg.grad_magnitude(g), np.sqrt(1 / 3), rtol=2e-3)
+    np.testing.assert_allclose(jg.grad_norm(jg.grad_normalize(g)), 1.0, rtol=1e-5)
+
+
+# -- null_grad --------------------------------------------------------------------------
+
+
+def test_null_grad_of_layered_model_has_no_leaves():
+    out = jg.null_grad(_rbm())
+    assert isinstance(out, jg.Gradient)
+    assert out.layers == [[], []] and out.weights == [[]]
+    assert jax.tree.leaves(out) == []
+
+
+def test_null_grad_of_gradient_mirrors_its_layout():
+    out = jg.null_grad(jg.zero_grad(_rbm()))
+    assert (out.layers, out.weights) == ([[], []], [[]])
+    assert jg.grad_norm(out) == 0.0
+
+
+@pytest.mark.parametrize(
+    "model",
+    [{"w": jnp.ones(2)}, jnp.ones(3), jg.Gradient({"a": 1.0}, [])],
+    ids=["dict", "array", "gradient-with-dict"],
+)
+def test_null_grad_rejects_other_inputs(model):
+    with pytest.raises(
+        TypeError, match=r"`model` must be a layered model .*Use `zero_grad` for other pytrees\."
+    ):
+        jg.null_grad(model)
