@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from ._dispatch import compiled, has_tracer
 from ._gradient import Gradient
 from ._structure import check_array_leaves, check_callable, describe_leaf
 from ._typing import Array, DTypeLike, PyTree
@@ -80,7 +81,12 @@ def zero_grad(model: Any) -> PyTree:
         {'b': Array([0, 0], dtype=bfloat16), 'w': Array([[0., 0.],
                [0., 0.]], dtype=float32)}
     """
-    return jax.tree.map(jnp.zeros_like, parameters(model))
+    return _zeros_like(parameters(model))
+
+
+@compiled()
+def _zeros_like(params: PyTree) -> PyTree:
+    return jax.tree.map(jnp.zeros_like, params)
 
 
 def random_grad(model: Any, key: Array, *, sampler: Sampler = jax.random.uniform) -> PyTree:
@@ -112,6 +118,12 @@ def random_grad(model: Any, key: Array, *, sampler: Sampler = jax.random.uniform
     check_callable("sampler", sampler)
     _check_key(key)
     params = parameters(model)
+    if any(sampler is s for s in _PURE_SAMPLERS) and not has_tracer((params, key)):
+        return _random_like_jit(params, key, sampler)
+    return _random_like(params, key, sampler)
+
+
+def _random_like(params: PyTree, key: Array, sampler: Sampler) -> PyTree:
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves)) if leaves else []
     values = [
@@ -119,6 +131,12 @@ def random_grad(model: Any, key: Array, *, sampler: Sampler = jax.random.uniform
         for k, x in zip(keys, leaves, strict=True)
     ]
     return jax.tree.unflatten(treedef, values)
+
+
+# Samplers known to be pure, so their compilation can be cached; a user's own sampler
+# runs as plain Python, as with every other user callable.
+_PURE_SAMPLERS = (jax.random.uniform, jax.random.normal)
+_random_like_jit = jax.jit(_random_like, static_argnums=2)
 
 
 def _check_key(key: Any) -> None:

@@ -1,11 +1,13 @@
 """A gradient as one flat vector and back: `grad_flatten`, `grad_unflatten`."""
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._dispatch import compiled, has_tracer
 from ._typing import Array, ArrayLike, PyTree
 
 
@@ -16,6 +18,7 @@ def _common_dtype(dtypes: list[np.dtype]) -> np.dtype:
         return np.dtype(jnp.result_type(*dtypes))
 
 
+@compiled()
 def grad_flatten(grad: PyTree) -> Array:
     """All entries of a gradient as one 1-D vector.
 
@@ -68,19 +71,32 @@ def grad_unflatten(vector: ArrayLike, like: PyTree) -> PyTree:
     if vector.ndim != 1:
         raise ValueError(f"`vector` must be 1-D; got shape {tuple(vector.shape)}.")
     templates, treedef = jax.tree.flatten(like)
-    shapes = [tuple(np.shape(t)) for t in templates]
-    sizes = [math.prod(s) for s in shapes]
-    total = sum(sizes)
+    spec = tuple((tuple(np.shape(t)), _dtype_of(t)) for t in templates)
+    total = sum(math.prod(shape) for shape, _ in spec)
     if vector.shape[0] != total:
         raise ValueError(
             f"`vector` has length {vector.shape[0]}, but `like` has {total} entries; "
             "they must be equal."
         )
+    if has_tracer(vector):
+        return _unflatten(vector, treedef, spec)
+    return _unflatten_jit(vector, treedef, spec)
+
+
+def _dtype_of(template: Any) -> np.dtype:
+    dtype = getattr(template, "dtype", None)
+    return np.dtype(jnp.result_type(template) if dtype is None else dtype)
+
+
+def _unflatten(vector: Array, treedef: Any, spec: tuple[tuple[tuple[int, ...], Any], ...]) -> Any:
     leaves = []
     start = 0
-    for template, shape, size in zip(templates, shapes, sizes, strict=True):
-        dtype = getattr(template, "dtype", None) or jnp.result_type(template)
+    for shape, dtype in spec:
+        size = math.prod(shape)
         piece = jax.lax.slice_in_dim(vector, start, start + size)
         leaves.append(piece.reshape(shape).astype(dtype))
         start += size
     return jax.tree.unflatten(treedef, leaves)
+
+
+_unflatten_jit = jax.jit(_unflatten, static_argnums=(1, 2))

@@ -1,12 +1,25 @@
 """Entrywise maps over one gradient or the zip of two: `grad_apply`, `grad_mapzip`."""
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
+from ._dispatch import has_tracer
+from ._donate import check_donatable
 from ._structure import check_callable, check_same_structure
 from ._typing import PyTree
+
+
+@functools.partial(jax.jit, static_argnames=("func",), donate_argnames=("grad",))
+def _apply_donated(func: Callable[[Any], Any], grad: PyTree) -> PyTree:
+    return jax.tree.map(func, grad)
+
+
+@functools.partial(jax.jit, static_argnames=("func",), donate_argnames=("grad1",))
+def _mapzip_donated(func: Callable[[Any, Any], Any], grad1: PyTree, grad2: PyTree) -> PyTree:
+    return jax.tree.map(func, grad1, grad2)
 
 
 def grad_apply(func: Callable[[Any], Any], grad: PyTree) -> PyTree:
@@ -36,30 +49,49 @@ def grad_apply(func: Callable[[Any], Any], grad: PyTree) -> PyTree:
     return jax.tree.map(func, grad)
 
 
-def grad_apply_(func_: Callable[[Any], Any], grad: PyTree) -> PyTree:
+def grad_apply_(func_: Callable[[Any], Any], grad: PyTree, *, donate: bool = False) -> PyTree:
     """Apply a function to every leaf of a gradient: paysage's in-place variant.
 
     paysage's `grad_apply_` modified `grad` in place and returned `None`. JAX arrays are
     immutable, so here `func_` must return the new leaf and the result is a new tree
-    with the structure of `grad`; `grad` itself is never modified. The result equals
-    `grad_apply(func_, grad)`.
+    with the structure of `grad`, equal to `grad_apply(func_, grad)`.
+
+    With `donate=False` (the default, safe in notebooks that re-run cells) `grad` is
+    left as it was and `func_` runs as plain Python. With `donate=True` the buffers of
+    `grad` are reused for the result (JAX buffer donation), so peak memory does not
+    double; like paysage's in-place update, `grad` is consumed: its arrays are deleted
+    afterwards. Donation needs a compiled call, so `donate=True` opts in to `jax.jit`
+    semantics for `func_`: it is compiled once per function object, tree structure,
+    shapes and dtypes, and must be pure (a global it reads is frozen at compile time).
+    Pass the same function object each call (not a fresh `lambda`) to reuse the
+    compilation. Inside `jax.jit` donation is the outer function's business, so there
+    `donate` changes nothing.
 
     Args:
         func_: a function of one array that returns the updated array.
         grad: a `Gradient` or any pytree of arrays.
+        donate: reuse (and delete) the buffers of `grad`.
 
     Returns:
         A pytree with the structure of `grad`.
 
     Raises:
         TypeError: if `func_` is not callable.
+        ValueError: with `donate=True`, if one array appears twice in `grad`.
 
     Example:
         >>> g = jaxgrad.Gradient([jnp.array([1.0, -2.0])], [])
         >>> jaxgrad.grad_apply_(lambda x: x * 0.5, g).layers[0]
         Array([ 0.5, -1. ], dtype=float32)
+        >>> jaxgrad.grad_apply_(jnp.negative, g, donate=True).layers[0]
+        Array([-1.,  2.], dtype=float32)
+        >>> g.layers[0].is_deleted()
+        True
     """
     check_callable("func_", func_)
+    if donate and not has_tracer(grad):
+        check_donatable("grad", grad)
+        return _apply_donated(func_, grad)
     return jax.tree.map(func_, grad)
 
 
@@ -95,18 +127,26 @@ def grad_mapzip(func: Callable[[Any, Any], Any], grad1: PyTree, grad2: PyTree) -
     return jax.tree.map(func, grad1, grad2)
 
 
-def grad_mapzip_(func_: Callable[[Any, Any], Any], grad1: PyTree, grad2: PyTree) -> PyTree:
+def grad_mapzip_(
+    func_: Callable[[Any, Any], Any], grad1: PyTree, grad2: PyTree, *, donate: bool = False
+) -> PyTree:
     """Apply a function of two arrays over the zip of two gradients: the in-place variant.
 
     paysage's `grad_mapzip_` updated `grad1` in place. Here `func_(leaf1, leaf2)` must
     return the updated `leaf1`, and the result is a new tree with the structure of
-    `grad1`; neither input is modified. The result equals `grad_mapzip(func_, grad1,
-    grad2)`.
+    `grad1`, equal to `grad_mapzip(func_, grad1, grad2)`.
+
+    With `donate=False` (the default) neither input is modified and `func_` runs as
+    plain Python. With `donate=True` the buffers of `grad1` are reused for the result
+    and `grad1` is consumed (its arrays are deleted afterwards); `grad2` is only read.
+    As for `grad_apply_`, donation compiles `func_` once per function object, tree
+    structure, shapes and dtypes, so it must be pure.
 
     Args:
         func_: a function of two arrays returning the updated first one.
-        grad1: a `Gradient` or any pytree of arrays.
+        grad1: a `Gradient` or any pytree of arrays; consumed with `donate=True`.
         grad2: a pytree with the same structure as `grad1`.
+        donate: reuse (and delete) the buffers of `grad1`.
 
     Returns:
         A pytree with the structure of `grad1`.
@@ -114,7 +154,8 @@ def grad_mapzip_(func_: Callable[[Any, Any], Any], grad1: PyTree, grad2: PyTree)
     Raises:
         TypeError: if `func_` is not callable.
         ValueError: if the structures differ (the message names the first differing
-            key path).
+            key path), or, with `donate=True`, if an array of `grad1` appears twice in
+            it or also in `grad2`.
 
     Example:
         >>> mean = {"w": jnp.zeros(2)}
@@ -124,4 +165,7 @@ def grad_mapzip_(func_: Callable[[Any, Any], Any], grad1: PyTree, grad2: PyTree)
     """
     check_callable("func_", func_)
     check_same_structure("grad1", grad1, "grad2", grad2)
+    if donate and not has_tracer((grad1, grad2)):
+        check_donatable("grad1", grad1, grad2=grad2)
+        return _mapzip_donated(func_, grad1, grad2)
     return jax.tree.map(func_, grad1, grad2)

@@ -8,8 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._dispatch import compiled, has_tracer
+from ._donate import check_donatable
 from ._structure import check_callable, describe_leaf, where
 from ._typing import Array, ArrayLike, PyTree
+
+AxisName = str | tuple[str, ...] | None
 
 
 def accumulation_dtype(dtypes: Any) -> np.dtype:
@@ -44,13 +48,23 @@ def _sum_of_squares(leaves: list[Array], dtype: np.dtype) -> Array:
     return total
 
 
-def grad_accumulate(func: Callable[[Any], ArrayLike], grad: PyTree) -> Array:
+def _psum(value: Array, axis_name: AxisName) -> Array:
+    return value if axis_name is None else jax.lax.psum(value, axis_name)
+
+
+def grad_accumulate(
+    func: Callable[[Any], ArrayLike], grad: PyTree, *, axis_name: AxisName = None
+) -> Array:
     """Sum over the leaves of a gradient of a scalar function of each leaf.
 
     `func` must return a scalar for every leaf. Results of float16 or bfloat16 dtype
     are summed in float32, float64 in float64, integers as integers (the widest dtype
     among the results). An empty gradient gives `0.0` (float32). `func` runs as plain
-    Python (see `grad_apply`).
+    Python, never compiled behind your back (see `grad_apply`).
+
+    Inside `shard_map` or `pmap`, `axis_name` names the mesh axes along which the local
+    leaves are shards of one larger gradient: the local sum is combined with one
+    `psum`, so every shard gets the global value.
 
     paysage's early versions overwrote the running value instead of summing; the sum is
     the documented intent and what this returns.
@@ -58,6 +72,7 @@ def grad_accumulate(func: Callable[[Any], ArrayLike], grad: PyTree) -> Array:
     Args:
         func: a function of one array returning a scalar.
         grad: a `Gradient` or any pytree of arrays.
+        axis_name: a mesh axis name or tuple of names, or `None` (no collective).
 
     Returns:
         A 0-d array; `float()` works on it outside `jax.jit`.
@@ -82,12 +97,12 @@ def grad_accumulate(func: Callable[[Any], ArrayLike], grad: PyTree) -> Array:
             )
         results.append(value)
     if not results:
-        return jnp.zeros((), jnp.float32)
+        return _psum(jnp.zeros((), jnp.float32), axis_name)
     with jax.numpy_dtype_promotion("standard"):
         dtype = jnp.result_type(*results)
     if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
         dtype = np.dtype(np.float32)
-    return functools.reduce(jnp.add, [r.astype(dtype) for r in results])
+    return _psum(functools.reduce(jnp.add, [r.astype(dtype) for r in results]), axis_name)
 
 
 def grad_fold(func: Callable[[Any, Any], Any], grad: PyTree, initial: Any = 0.0) -> Any:
@@ -117,17 +132,24 @@ def grad_fold(func: Callable[[Any, Any], Any], grad: PyTree, initial: Any = 0.0)
     return functools.reduce(func, jax.tree.leaves(grad), initial)
 
 
-def grad_norm(grad: PyTree) -> Array:
+@compiled(static_argnames=("axis_name",))
+def grad_norm(grad: PyTree, *, axis_name: AxisName = None) -> Array:
     """L2 norm of all entries of a gradient, as if flattened into one vector.
 
     Squares are summed in float32 whatever the leaf dtypes (float64 if any leaf is
     float64 or complex128, under x64), so float16 and bfloat16 gradients do not
     overflow: 1000 float16 entries of 300 give 9486.8, not inf. Complex entries
     contribute `abs(x)**2`. An empty gradient has norm 0, and the derivative of the
-    norm at a zero gradient is 0 (finite), so `jax.grad` of it never gives NaN.
+    norm at a zero gradient is 0 (finite), so `jax.grad` of it never gives NaN. NaN
+    and inf entries propagate. Called eagerly it is one compiled dispatch, cached per
+    tree structure, shapes and dtypes.
 
     Args:
         grad: a `Gradient` or any pytree of arrays.
+        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
+            names) along which the local leaves are shards of one larger gradient;
+            partial sums are combined with a single `psum`, so every shard gets the
+            global value. `None` (the default) means no collective.
 
     Returns:
         A float32 (or float64) scalar array.
@@ -138,20 +160,26 @@ def grad_norm(grad: PyTree) -> Array:
     """
     leaves = _leaves(grad)
     dtype = accumulation_dtype(x.dtype for x in leaves)
-    return _safe_sqrt(_sum_of_squares(leaves, dtype))
+    return _safe_sqrt(_psum(_sum_of_squares(leaves, dtype), axis_name))
 
 
-def grad_magnitude(grad: PyTree) -> Array:
+@compiled(static_argnames=("axis_name",))
+def grad_magnitude(grad: PyTree, *, axis_name: AxisName = None) -> Array:
     """Root-mean-square of all entries of a gradient: `sqrt(sum(x**2) / N)`.
 
-    `N` is the total number of entries over all leaves. paysage computed the mean
-    square per tensor and divided the sum of those by the number of groups, which
-    weighs small tensors as much as large ones and is not an RMS; this is the true
-    RMS of the flattened gradient. Accumulates like `grad_norm`. A zero or empty
-    gradient gives 0, with a finite (zero) derivative. `grad_rms` is the same function.
+    `N` is the total number of entries over all leaves (over all shards, with
+    `axis_name`). paysage computed the mean square per tensor and divided the sum of
+    those by the number of groups, which weighs small tensors as much as large ones and
+    is not an RMS; this is the true RMS of the flattened gradient. Accumulates like
+    `grad_norm`. A zero or empty gradient gives 0, with a finite (zero) derivative.
+    `grad_rms` is the same function.
 
     Args:
         grad: a `Gradient` or any pytree of arrays.
+        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
+            names) along which the local leaves are shards of one larger gradient;
+            partial sums are combined with a single `psum`, so every shard gets the
+            global value. `None` (the default) means no collective.
 
     Returns:
         A float32 (or float64) scalar array.
@@ -162,19 +190,26 @@ def grad_magnitude(grad: PyTree) -> Array:
     """
     leaves = _leaves(grad)
     dtype = accumulation_dtype(x.dtype for x in leaves)
+    total = _sum_of_squares(leaves, dtype)
     count = sum(x.size for x in leaves)
-    if count == 0:
+    if axis_name is not None:  # one collective for both partials
+        total, count = _psum(jnp.stack([total, jnp.asarray(count, dtype)]), axis_name)
+    elif count == 0:
         return jnp.zeros((), dtype)
-    return _safe_sqrt(_sum_of_squares(leaves, dtype) / count)
+    return _safe_sqrt(total / jnp.where(count == 0, 1, count).astype(dtype))
 
 
-def grad_rms(grad: PyTree) -> Array:
+def grad_rms(grad: PyTree, *, axis_name: AxisName = None) -> Array:
     """Root-mean-square of all entries of a gradient; the same function as `grad_magnitude`.
 
     paysage's history has both names; they compute the same value.
 
     Args:
         grad: a `Gradient` or any pytree of arrays.
+        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
+            names) along which the local leaves are shards of one larger gradient;
+            partial sums are combined with a single `psum`, so every shard gets the
+            global value. `None` (the default) means no collective.
 
     Returns:
         A float32 (or float64) scalar array.
@@ -183,7 +218,7 @@ def grad_rms(grad: PyTree) -> Array:
         >>> jaxgrad.grad_rms({"w": jnp.array([1.0, -1.0, 1.0, -1.0])})
         Array(1., dtype=float32)
     """
-    return grad_magnitude(grad)
+    return grad_magnitude(grad, axis_name=axis_name)
 
 
 def _check_inexact(name: str, grad: PyTree) -> None:
@@ -195,28 +230,9 @@ def _check_inexact(name: str, grad: PyTree) -> None:
             )
 
 
-def grad_normalize(grad: PyTree) -> PyTree:
-    """Scale a gradient to unit L2 norm: `grad / grad_norm(grad)`.
-
-    Each leaf keeps its dtype; the division is done in float32 (or wider) and the
-    result cast back, so bfloat16 leaves lose no more than their own rounding. A zero
-    gradient comes back as zeros, not NaN; a gradient holding NaN stays NaN.
-
-    Args:
-        grad: a `Gradient` or any pytree of floating-point arrays.
-
-    Returns:
-        A pytree with the structure, shapes and dtypes of `grad`.
-
-    Raises:
-        TypeError: if a leaf is not floating-point or complex.
-
-    Example:
-        >>> jaxgrad.grad_normalize({"w": jnp.array([3.0, 4.0])})
-        {'w': Array([0.6, 0.8], dtype=float32)}
-    """
+def _normalize(grad: PyTree, axis_name: AxisName) -> PyTree:
     _check_inexact("grad", grad)
-    norm = grad_norm(grad)
+    norm = grad_norm(grad, axis_name=axis_name)
     nonzero = norm != 0
     scale = jnp.where(nonzero, 1 / jnp.where(nonzero, norm, 1), 0)
 
@@ -228,14 +244,24 @@ def grad_normalize(grad: PyTree) -> PyTree:
     return jax.tree.map(rescale, grad)
 
 
-def grad_normalize_(grad: PyTree) -> PyTree:
-    """Scale a gradient to unit L2 norm: paysage's in-place variant, returning a new tree.
+_normalize_jit = jax.jit(_normalize, static_argnames=("axis_name",))
+_normalize_donated = jax.jit(_normalize, static_argnames=("axis_name",), donate_argnames=("grad",))
 
-    The result equals `grad_normalize(grad)`; `grad` itself is never modified (JAX
-    arrays are immutable).
+
+def grad_normalize(grad: PyTree, *, axis_name: AxisName = None) -> PyTree:
+    """Scale a gradient to unit L2 norm: `grad / grad_norm(grad)`.
+
+    Each leaf keeps its dtype; the division is done in float32 (or wider) and the
+    result cast back, so bfloat16 leaves lose no more than their own rounding. A zero
+    gradient comes back as zeros, not NaN; a gradient holding NaN stays NaN. Called
+    eagerly it is one compiled dispatch.
 
     Args:
         grad: a `Gradient` or any pytree of floating-point arrays.
+        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
+            names) along which the local leaves are shards of one larger gradient;
+            partial sums are combined with a single `psum`, so every shard gets the
+            global value. `None` (the default) means no collective.
 
     Returns:
         A pytree with the structure, shapes and dtypes of `grad`.
@@ -244,7 +270,49 @@ def grad_normalize_(grad: PyTree) -> PyTree:
         TypeError: if a leaf is not floating-point or complex.
 
     Example:
-        >>> jaxgrad.grad_normalize_(jaxgrad.Gradient([jnp.array([0.0, 2.0])], []))
-        Gradient(layers=[f32[2]], weights=[])
+        >>> jaxgrad.grad_normalize({"w": jnp.array([3.0, 4.0])})
+        {'w': Array([0.6, 0.8], dtype=float32)}
     """
-    return grad_normalize(grad)
+    if has_tracer(grad):
+        return _normalize(grad, axis_name)
+    return _normalize_jit(grad, axis_name=axis_name)
+
+
+def grad_normalize_(grad: PyTree, *, axis_name: AxisName = None, donate: bool = False) -> PyTree:
+    """Scale a gradient to unit L2 norm: paysage's in-place variant.
+
+    The result equals `grad_normalize(grad)`. With `donate=False` (the default, safe in
+    notebooks that re-run cells) `grad` is left as it was. With `donate=True` its
+    buffers are reused for the result (JAX buffer donation), so peak memory does not
+    double: like paysage's in-place update, `grad` is consumed, and its arrays are
+    deleted afterwards. Inside `jax.jit` donation is the outer function's business
+    (`donate_argnums`), so there `donate` changes nothing.
+
+    Args:
+        grad: a `Gradient` or any pytree of floating-point arrays.
+        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
+            names) along which the local leaves are shards of one larger gradient;
+            partial sums are combined with a single `psum`, so every shard gets the
+            global value. `None` (the default) means no collective.
+        donate: reuse (and delete) the buffers of `grad`.
+
+    Returns:
+        A pytree with the structure, shapes and dtypes of `grad`.
+
+    Raises:
+        TypeError: if a leaf is not floating-point or complex.
+        ValueError: with `donate=True`, if one array appears twice in `grad`.
+
+    Example:
+        >>> g = jaxgrad.Gradient([jnp.array([0.0, 2.0])], [])
+        >>> jaxgrad.grad_normalize_(g, donate=True).layers[0]
+        Array([0., 1.], dtype=float32)
+        >>> g.layers[0].is_deleted()
+        True
+    """
+    if has_tracer(grad):
+        return _normalize(grad, axis_name)
+    if donate:
+        check_donatable("grad", grad)
+        return _normalize_donated(grad, axis_name=axis_name)
+    return _normalize_jit(grad, axis_name=axis_name)
