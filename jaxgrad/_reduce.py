@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._collectives import check_axis_name
 from ._dispatch import compiled, has_tracer
 from ._donate import check_donatable
 from ._structure import check_callable, describe_leaf, where
@@ -49,6 +50,7 @@ def _sum_of_squares(leaves: list[Array], dtype: np.dtype) -> Array:
 
 
 def _psum(value: Array, axis_name: AxisName) -> Array:
+    check_axis_name(axis_name, optional=True)
     return value if axis_name is None else jax.lax.psum(value, axis_name)
 
 
@@ -87,22 +89,36 @@ def grad_accumulate(
         Array(7., dtype=float32)
     """
     check_callable("func", func)
-    results = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(grad)[0]:
-        value = jnp.asarray(func(leaf))
-        if value.shape != ():
+    leaves = jax.tree.leaves(grad)
+    values = [func(leaf) for leaf in leaves]
+    for i, value in enumerate(values):
+        if jnp.ndim(value) != 0:
+            path = jax.tree_util.tree_flatten_with_path(grad)[0][i][0]
             raise ValueError(
                 f"`func` must return a scalar for every leaf of `grad`; at "
-                f"{where(path)} it returned {describe_leaf(value)}."
+                f"{where(path)} it returned {describe_leaf(jnp.asarray(value))}."
             )
-        results.append(value)
-    if not results:
-        return _psum(jnp.zeros((), jnp.float32), axis_name)
+    return _sum_scalars(values, dtype=_sum_dtype(values), axis_name=axis_name)
+
+
+def _sum_dtype(values: list[Any]) -> np.dtype:
+    """The widest dtype among `values`, with float16 and bfloat16 widened to float32."""
+    if not values:
+        return np.dtype(np.float32)
     with jax.numpy_dtype_promotion("standard"):
-        dtype = jnp.result_type(*results)
+        dtype = np.dtype(jnp.result_type(*values))
     if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
-        dtype = np.dtype(np.float32)
-    return _psum(functools.reduce(jnp.add, [r.astype(dtype) for r in results]), axis_name)
+        return np.dtype(np.float32)
+    return dtype
+
+
+@compiled(static_argnames=("dtype", "axis_name"))
+def _sum_scalars(values: list[Any], *, dtype: np.dtype, axis_name: AxisName) -> Array:
+    """One compiled dispatch to cast and add the per-leaf results (not a user callable)."""
+    total = jnp.zeros((), dtype)
+    for value in values:
+        total = total + jnp.asarray(value).astype(dtype)
+    return _psum(total, axis_name)
 
 
 def grad_fold(func: Callable[[Any, Any], Any], grad: PyTree, initial: Any = 0.0) -> Any:
