@@ -123,6 +123,8 @@ def check_callable(name: str, func: Any) -> None:
 
 def check_array_leaves(name: str, tree: PyTree) -> None:
     """Raise `TypeError` at the first leaf that is not an array or a scalar number."""
+    if all(map(_is_array_like, jax.tree.leaves(tree))):  # the fast path: no key paths
+        return
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if not _is_array_like(leaf):
             raise TypeError(
