@@ -119,6 +119,10 @@ def build_rows(tree: Any) -> list[Row]:
     def np_norm(leaves: list[np.ndarray]) -> Any:
         return np.sqrt(sum(float(np.sum(x * x)) for x in leaves))
 
+    def np_normalize(leaves: list[np.ndarray]) -> list[np.ndarray]:
+        n = np_norm(leaves)
+        return [x / n for x in leaves]
+
     def np_unflatten(v: np.ndarray) -> list[np.ndarray]:
         cuts = np.cumsum([x.size for x in np_leaves])[:-1]
         return [p.reshape(x.shape) for p, x in zip(np.split(v, cuts), np_leaves, strict=True)]
@@ -226,7 +230,7 @@ def build_rows(tree: Any) -> list[Row]:
                 "jaxgrad jit": Case(jit(jg.grad_normalize), same(tree)),
                 "tree.map eager": Case(tm_normalize, same(tree)),
                 "tree.map jit": Case(jit(tm_normalize), same(tree)),
-                "numpy loop": Case(lambda ls: [x / np_norm(ls) for x in ls], same(np_leaves)),
+                "numpy loop": Case(np_normalize, same(np_leaves)),
                 "roofline": Case(jit(lambda x: x / jnp.sqrt(jnp.sum(x * x))), same(flat)),
             },
         ),
