@@ -1,0 +1,305 @@
+"""Micro-batch gradient accumulation: a float32 running sum with a count, and a scan."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._dispatch import compiled, has_tracer
+from ._donate import check_donatable
+from ._reduce import _check_inexact
+from ._structure import check_callable, check_same_shapes, check_same_structure, where
+from ._typing import Array, DTypeLike, PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class GradAccumulator:
+    """State of a gradient accumulation: a running sum and the number of gradients added.
+
+    A pytree whose arrays are `total` and `count`; the dtypes that
+    `grad_accumulator_mean` returns are static (part of the tree structure). Its shapes
+    and dtypes never change as gradients are added, so it can be the carry of
+    `jax.lax.scan` or `jax.lax.fori_loop`, and donated to a jitted step (`donate_argnums`)
+    so that the sum is updated in place. Build it with `grad_accumulator`.
+
+    Attributes:
+        total: the sum of the gradients added, with the structure of `like`, each leaf
+            in float32 (or wider: float64 and complex leaves keep their dtype).
+        count: how many gradients were added (0-d int32).
+        dtypes: the dtype of each leaf of `like`, in `jax.tree.leaves` order.
+
+    Example:
+        >>> state = jaxgrad.grad_accumulator({"w": jnp.zeros(2, jnp.bfloat16)})
+        >>> state.total, state.count, state.dtypes
+        ({'w': Array([0., 0.], dtype=float32)}, Array(0, dtype=int32), (dtype(bfloat16),))
+    """
+
+    total: PyTree
+    count: Array
+    dtypes: tuple[Any, ...]
+
+
+jax.tree_util.register_dataclass(
+    GradAccumulator, data_fields=["total", "count"], meta_fields=["dtypes"]
+)
+
+
+def _check_like(like: PyTree) -> None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(like)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"`like` must have floating-point or complex leaves; at {where(path)} it has "
+                f"dtype {np.dtype(dtype).name}."
+            )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _zeros(specs: tuple[tuple[tuple[int, ...], Any], ...]) -> tuple[list[Array], Array]:
+    return [jnp.zeros(shape, dtype) for shape, dtype in specs], jnp.zeros((), jnp.int32)
+
+
+def grad_accumulator(like: PyTree, *, dtype: DTypeLike = jnp.float32) -> GradAccumulator:
+    """An empty accumulator for gradients shaped like `like`: zero sums, count 0.
+
+    Add gradients with `grad_accumulator_add` and read their mean with
+    `grad_accumulator_mean`. Sums are kept in `dtype` (float32 by default) or the leaf's
+    own dtype if wider, so bfloat16 and float16 gradients are summed without losing
+    their small contributions, while the mean comes back in the dtype of each leaf of
+    `like`. The accumulator costs one `dtype` copy of the gradient.
+
+    Args:
+        like: a `Gradient`, any pytree of floating-point arrays, or of
+            `jax.ShapeDtypeStruct` (`jax.eval_shape` output): usually the parameters.
+        dtype: the least precision to accumulate in; a floating-point dtype.
+
+    Returns:
+        A `GradAccumulator`.
+
+    Raises:
+        ValueError: if `dtype` is not a floating-point dtype.
+        TypeError: if a leaf of `like` is not floating-point or complex.
+
+    Example:
+        >>> params = {"w": jnp.ones(2, jnp.bfloat16)}
+        >>> state = jaxgrad.grad_accumulator(params)
+        >>> for g in [jnp.array([1.0, 2.0], jnp.bfloat16), jnp.array([2.0, 3.0], jnp.bfloat16)]:
+        ...     state = jaxgrad.grad_accumulator_add(state, {"w": g})
+        >>> jaxgrad.grad_accumulator_mean(state)
+        {'w': Array([1.5, 2.5], dtype=bfloat16)}
+    """
+    if not jnp.issubdtype(np.dtype(dtype), jnp.floating):
+        raise ValueError(
+            f"`dtype` must be a floating-point dtype to accumulate in; got {np.dtype(dtype).name}."
+        )
+    _check_like(like)
+    leaves, treedef = jax.tree.flatten(like)
+    dtypes = tuple(np.dtype(getattr(x, "dtype", None) or jnp.result_type(x)) for x in leaves)
+    with jax.numpy_dtype_promotion("standard"):
+        sums = tuple(np.dtype(jnp.promote_types(d, dtype)) for d in dtypes)
+    specs = tuple((tuple(np.shape(x)), s) for x, s in zip(leaves, sums, strict=True))
+    if has_tracer(like):
+        zeros = [jnp.zeros(shape, d) for shape, d in specs]
+        count = jnp.zeros((), jnp.int32)
+    else:
+        zeros, count = _zeros(specs)
+    return GradAccumulator(total=jax.tree.unflatten(treedef, zeros), count=count, dtypes=dtypes)
+
+
+def _add(state: GradAccumulator, grad: PyTree) -> GradAccumulator:
+    total = jax.tree.map(lambda s, g: s + jnp.asarray(g).astype(s.dtype), state.total, grad)
+    return GradAccumulator(total=total, count=state.count + 1, dtypes=state.dtypes)
+
+
+_add_compiled = compiled()(_add)
+_add_donated = jax.jit(_add, donate_argnames=("state",))
+
+
+def _check_state(state: Any) -> None:
+    if not isinstance(state, GradAccumulator):
+        raise TypeError(
+            "`state` must be a `GradAccumulator` (from `grad_accumulator`); got "
+            f"{type(state).__name__}."
+        )
+
+
+def grad_accumulator_add(
+    state: GradAccumulator, grad: PyTree, *, donate: bool = False
+) -> GradAccumulator:
+    """Add one gradient to an accumulator: `total + grad` (in the sum dtype), `count + 1`.
+
+    Works eagerly (one compiled dispatch), under `jax.jit` and as the body of
+    `jax.lax.scan`; the new state has the shapes and dtypes of the old one. With
+    `donate=True` an eager call reuses the buffers of `state` for the new sum (JAX
+    buffer donation), so no second copy of the sum is made; `state` is consumed (its
+    arrays are deleted). Inside `jax.jit` donation is the outer function's business
+    (`donate_argnums`), so there `donate` changes nothing.
+
+    Args:
+        state: a `GradAccumulator`.
+        grad: a gradient with the structure and leaf shapes of the accumulator's `like`;
+            any floating-point dtypes (cast to the sum dtype).
+        donate: reuse (and delete) the buffers of `state`.
+
+    Returns:
+        The updated `GradAccumulator`.
+
+    Raises:
+        TypeError: if `state` is not a `GradAccumulator`, or a leaf of `grad` is not
+            floating-point or complex.
+        ValueError: if the structure or a leaf shape of `grad` differs from the
+            accumulator's (the message names the first differing key path), or, with
+            `donate=True`, if an array of `state` also appears in `grad`.
+
+    Example:
+        >>> state = jaxgrad.grad_accumulator([jnp.zeros(2)])
+        >>> state = jaxgrad.grad_accumulator_add(state, [jnp.array([1.0, 2.0])], donate=True)
+        >>> state.total, state.count
+        ([Array([1., 2.], dtype=float32)], Array(1, dtype=int32))
+    """
+    _check_state(state)
+    check_same_structure("state.total", state.total, "grad", grad)
+    check_same_shapes("state.total", state.total, "grad", grad)
+    _check_inexact("grad", grad)
+    if has_tracer((state, grad)):
+        return _add(state, grad)
+    if donate:
+        check_donatable("state", state, grad=grad)
+        return _add_donated(state, grad)
+    return _add_compiled(state, grad)
+
+
+@compiled()
+def _mean(state: GradAccumulator) -> PyTree:
+    leaves, treedef = jax.tree.flatten(state.total)
+    out = []
+    for s, dtype in zip(leaves, state.dtypes, strict=True):
+        n = jnp.maximum(state.count, 1).astype(s.dtype)
+        out.append((s / n).astype(dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def grad_accumulator_mean(state: GradAccumulator) -> PyTree:
+    """The mean of the gradients added to an accumulator, in the dtypes of its `like`.
+
+    The division is done in the sum dtype (float32 or wider) and the result cast back
+    to each leaf's dtype, so a bfloat16 model gets a bfloat16 gradient. An accumulator
+    with nothing added gives zeros (not NaN). Works eagerly (one compiled dispatch) and
+    under `jax.jit`.
+
+    Args:
+        state: a `GradAccumulator`.
+
+    Returns:
+        A pytree with the structure and shapes of the accumulator's `like` and its dtypes.
+
+    Raises:
+        TypeError: if `state` is not a `GradAccumulator`.
+
+    Example:
+        >>> state = jaxgrad.grad_accumulator({"w": jnp.zeros(1)})
+        >>> jaxgrad.grad_accumulator_mean(state)
+        {'w': Array([0.], dtype=float32)}
+        >>> state = jaxgrad.grad_accumulator_add(state, {"w": jnp.array([3.0])})
+        >>> jaxgrad.grad_accumulator_mean(jaxgrad.grad_accumulator_add(state, {"w": jnp.array([4.0])}))
+        {'w': Array([3.5], dtype=float32)}
+    """  # noqa: E501
+    _check_state(state)
+    return _mean(state)
+
+
+def _micro_batch_count(batches: PyTree) -> int:
+    pairs = jax.tree_util.tree_flatten_with_path(batches)[0]
+    if not pairs:
+        raise ValueError("`batches` must have at least one leaf with a leading micro-batch axis.")
+    first_path, first = pairs[0]
+    for path, leaf in pairs:
+        if np.ndim(leaf) == 0:
+            raise ValueError(
+                f"`batches` leaves must have a leading micro-batch axis; at {where(path)} "
+                "it has a scalar."
+            )
+        if np.shape(leaf)[0] != np.shape(first)[0]:
+            raise ValueError(
+                "`batches` leaves must share the leading micro-batch axis; "
+                f"{where(first_path)} has {np.shape(first)[0]} micro-batches, "
+                f"{where(path)} has {np.shape(leaf)[0]}."
+            )
+    n = int(np.shape(first)[0])
+    if n == 0:
+        raise ValueError("`batches` must hold at least one micro-batch; its leading axis is 0.")
+    return n
+
+
+def grad_accumulate_microbatches(
+    grad_fn: Callable[[PyTree, PyTree], Any],
+    params: PyTree,
+    batches: PyTree,
+    *,
+    has_aux: bool = False,
+    dtype: DTypeLike = jnp.float32,
+) -> Any:
+    """The mean of `grad_fn(params, batch)` over micro-batches, one at a time under `lax.scan`.
+
+    `batches` is a pytree whose leaves all have a leading micro-batch axis:
+    `batches[i]` (leaf by leaf) is the i-th micro-batch. The scan carries a
+    `grad_accumulator(params, dtype=dtype)`, so memory holds one micro-batch's
+    gradient and activations plus one float32 copy of the gradient, however many
+    micro-batches there are; bfloat16 and float16 gradients are summed in float32 and
+    the mean returned in the dtypes of `params`. When the loss is a mean over examples
+    and the micro-batches are the same size, the result is the full-batch gradient.
+
+    `grad_fn` is traced once by `jax.lax.scan` (it must be a pure JAX function, as for
+    any scan body); it is not otherwise compiled or cached by jaxgrad. Eagerly, the scan
+    is traced and compiled at every call: put the whole step under `jax.jit`.
+
+    Args:
+        grad_fn: `(params, batch) -> grad` with the structure of `params`, or with
+            `has_aux=True`, `(params, batch) -> (grad, aux)` as `jax.grad(loss,
+            has_aux=True)` returns.
+        params: the parameters, passed unchanged to every call.
+        batches: a pytree of arrays with a common leading micro-batch axis.
+        has_aux: whether `grad_fn` returns `(grad, aux)`; the `aux` values are stacked
+            along a new leading axis, one entry per micro-batch.
+        dtype: the least precision to accumulate in (see `grad_accumulator`).
+
+    Returns:
+        The mean gradient, with the structure, shapes and dtypes of `params`; with
+        `has_aux=True`, `(mean gradient, stacked aux)`.
+
+    Raises:
+        TypeError: if `grad_fn` is not callable.
+        ValueError: if `batches` has no leaves, a scalar leaf, leaves whose leading axes
+            differ, or zero micro-batches; or if `grad_fn` returns a gradient whose
+            structure or shapes differ from those of `params`.
+
+    Example:
+        >>> loss = lambda w, batch: jnp.mean((batch["x"] * w - batch["y"]) ** 2)
+        >>> x = jnp.arange(8.0)
+        >>> batches = {"x": x.reshape(4, 2), "y": (3 * x).reshape(4, 2)}
+        >>> w = jnp.array(1.0)
+        >>> jaxgrad.grad_accumulate_microbatches(jax.grad(loss), w, batches)
+        Array(-70., dtype=float32)
+        >>> float(jax.grad(loss)(w, {"x": x, "y": 3 * x}))  # the full-batch gradient
+        -70.0
+    """
+    check_callable("grad_fn", grad_fn)
+    _micro_batch_count(batches)
+    init = grad_accumulator(params, dtype=dtype)
+
+    def body(state: GradAccumulator, batch: PyTree) -> tuple[GradAccumulator, Any]:
+        out = grad_fn(params, batch)
+        grad, aux = out if has_aux else (out, None)
+        return grad_accumulator_add(state, grad), aux
+
+    state, aux = jax.lax.scan(body, init, batches)
+    mean = grad_accumulator_mean(state)
+    return (mean, aux) if has_aux else mean

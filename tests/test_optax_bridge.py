@@ -1,0 +1,92 @@
+import importlib
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.tree_utils as otu
+import pytest
+
+import jaxgrad as jg
+from conftest import make_tree
+from jaxgrad.optax import clip_with_stats
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0], ids=["clips", "passes"])
+def test_clip_with_stats_matches_clip_by_global_norm_in_a_chain(max_norm):
+    params = make_tree("gradient")
+    grads = [make_tree("gradient", seed=s) for s in (1, 2, 3)]
+    ours = optax.chain(clip_with_stats(max_norm), optax.sgd(0.1, momentum=0.9))
+    theirs = optax.chain(optax.clip_by_global_norm(max_norm), optax.sgd(0.1, momentum=0.9))
+
+    @jax.jit
+    def steps(params):
+        p1, p2 = params, params
+        s1, s2 = ours.init(params), theirs.init(params)
+        norms = []
+        for g in grads:
+            u1, s1 = ours.update(g, s1, p1)
+            u2, s2 = theirs.update(g, s2, p2)
+            p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+            norms.append(otu.tree_get(s1, "norm"))
+        return p1, p2, s1, norms
+
+    p1, p2, state, norms = steps(params)
+    chex.assert_trees_all_equal(p1, p2)
+    assert isinstance(state[0], jg.GradStats)
+    np.testing.assert_allclose(norms, [jg.grad_norm(g) for g in grads], rtol=1e-6)
+    assert bool(state[0].clipped) is bool(jg.grad_norm(grads[-1]) > max_norm)
+
+
+def test_init_state_has_the_update_state_structure_for_scan():
+    tx = clip_with_stats(1.0)
+    params = {"w": jnp.ones(3, jnp.bfloat16)}
+    state = tx.init(params)
+    chex.assert_trees_all_equal(
+        state,
+        jg.GradStats(
+            jnp.float32(0), jnp.float32(0), jnp.float32(1), jnp.bool_(False), jnp.bool_(True)
+        ),
+    )
+
+    def body(state, g):
+        updates, state = tx.update({"w": g}, state)
+        return state, updates["w"]
+
+    gs = jnp.array([[3.0, 4.0, 0.0], [0.0, 0.0, 0.5]], jnp.bfloat16)
+    last, updates = jax.jit(lambda s: jax.lax.scan(body, s, gs))(state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(last, state)
+    assert float(last.norm) == 0.5 and not bool(last.clipped)
+    np.testing.assert_allclose(
+        np.asarray(updates, np.float32), [[0.6, 0.8, 0.0], [0.0, 0.0, 0.5]], rtol=1e-2
+    )
+
+
+def test_zero_update_with_zero_bound_and_nonfinite_updates():
+    tx = clip_with_stats(0.0)
+    zeros = {"w": jnp.zeros(2)}
+    updates, state = tx.update(zeros, tx.init(zeros))
+    chex.assert_trees_all_equal(updates, zeros)
+    updates, state = clip_with_stats(1.0).update({"w": jnp.array([jnp.nan, 1.0])}, state)
+    chex.assert_trees_all_equal(updates, zeros)
+    assert not bool(state.finite) and np.isnan(state.norm)
+
+
+def test_bad_max_norm_is_rejected_when_the_transformation_is_built():
+    with pytest.raises(ValueError, match="`max_norm` must be a non-negative number; got -1"):
+        clip_with_stats(-1)
+
+
+def test_import_jaxgrad_does_not_import_optax():
+    code = "import sys, jaxgrad; assert 'optax' not in sys.modules, 'optax imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_optax_gives_an_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "optax", None)  # `import optax` now raises ImportError
+    monkeypatch.delitem(sys.modules, "jaxgrad.optax")
+    with pytest.raises(ImportError, match=r"pip install 'jaxgrad\[optax\]'"):
+        importlib.import_module("jaxgrad.optax")
