@@ -8,9 +8,21 @@ gradients. Every function accepts any pytree of arrays and works under `jax.jit`
 
 import importlib.metadata
 
+from ._accumulator import GradAccumulator as GradAccumulator
+from ._accumulator import grad_accumulate_microbatches as grad_accumulate_microbatches
+from ._accumulator import grad_accumulator as grad_accumulator
+from ._accumulator import grad_accumulator_add as grad_accumulator_add
+from ._accumulator import grad_accumulator_mean as grad_accumulator_mean
+from ._clip import GradStats as GradStats
+from ._clip import grad_clip as grad_clip
+from ._clip import grad_clip_by_magnitude as grad_clip_by_magnitude
 from ._constructors import null_grad as null_grad
 from ._constructors import random_grad as random_grad
 from ._constructors import zero_grad as zero_grad
+from ._finite import NonfiniteReport as NonfiniteReport
+from ._finite import grad_all_finite as grad_all_finite
+from ._finite import grad_nonfinite_report as grad_nonfinite_report
+from ._finite import grad_where_finite as grad_where_finite
 from ._flatten import grad_flatten as grad_flatten
 from ._flatten import grad_unflatten as grad_unflatten
 from ._gradient import Gradient as Gradient
@@ -25,6 +37,7 @@ from ._reduce import grad_norm as grad_norm
 from ._reduce import grad_normalize as grad_normalize
 from ._reduce import grad_normalize_ as grad_normalize_
 from ._reduce import grad_rms as grad_rms
+from ._stats import grad_stats as grad_stats
 
 try:
     __version__ = importlib.metadata.version("jaxgrad")
@@ -33,19 +46,32 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source che
 
 __all__ = [
     "Gradient",
+    "GradAccumulator",
+    "GradStats",
+    "NonfiniteReport",
     "grad_accumulate",
+    "grad_accumulate_microbatches",
+    "grad_accumulator",
+    "grad_accumulator_add",
+    "grad_accumulator_mean",
+    "grad_all_finite",
     "grad_apply",
     "grad_apply_",
+    "grad_clip",
+    "grad_clip_by_magnitude",
     "grad_flatten",
     "grad_fold",
     "grad_magnitude",
     "grad_mapzip",
     "grad_mapzip_",
+    "grad_nonfinite_report",
     "grad_norm",
     "grad_normalize",
     "grad_normalize_",
     "grad_rms",
+    "grad_stats",
     "grad_unflatten",
+    "grad_where_finite",
     "null_grad",
     "random_grad",
     "zero_grad",
