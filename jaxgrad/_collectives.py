@@ -1,0 +1,113 @@
+"""Collectives across data-parallel replicas: `grad_psum`, `grad_pmean`; `axis_name` checks."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ._structure import describe_leaf, where
+from ._typing import Array, PyTree
+
+AxisNames = str | tuple[str, ...]
+
+
+def check_axis_name(axis_name: Any, *, optional: bool = False) -> None:
+    """Raise `TypeError` unless `axis_name` is a str or a non-empty tuple of str.
+
+    With `optional=True`, `None` (no collective) is accepted too.
+    """
+    if axis_name is None and optional:
+        return
+    if isinstance(axis_name, str):
+        return
+    if (
+        isinstance(axis_name, tuple)
+        and axis_name
+        and all(isinstance(name, str) for name in axis_name)
+    ):
+        return
+    expected = "a mesh axis name (a str) or a non-empty tuple of names"
+    if optional:
+        expected += ", or None"
+    raise TypeError(
+        f"`axis_name` must be {expected}; got {type(axis_name).__name__} {axis_name!r}."
+    )
+
+
+def grad_psum(grad: PyTree, axis_name: AxisNames) -> PyTree:
+    """Sum a gradient over data-parallel replicas: every replica gets the total.
+
+    For use inside `shard_map`, `pmap` or a named `vmap`, where each replica (device)
+    holds a whole gradient of its own, e.g. computed on its part of the batch. Each
+    leaf is summed over the mesh axes `axis_name` with `jax.lax.psum` on the whole tree
+    at once, and XLA's all-reduce combiner merges the per-leaf all-reduces into one
+    (tuple) all-reduce per dtype and replica group. The result has the
+    structure, shapes and dtypes of `grad`; sums are taken in each leaf's dtype. For
+    leaves that are shards of one larger gradient, use the reductions' `axis_name`
+    instead (`grad_norm(grad, axis_name=...)`).
+
+    Args:
+        grad: a `Gradient` or any pytree of arrays.
+        axis_name: the mesh axis name, or a tuple of names, to sum over.
+
+    Returns:
+        A pytree with the structure, shapes and dtypes of `grad`.
+
+    Raises:
+        TypeError: if `axis_name` is not a str or a non-empty tuple of str.
+
+    Example:
+        >>> per_replica = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}  # 2 replicas
+        >>> jax.vmap(lambda g: jaxgrad.grad_psum(g, "i"), axis_name="i")(per_replica)
+        {'w': Array([[4., 6.],
+               [4., 6.]], dtype=float32)}
+    """
+    check_axis_name(axis_name)
+    return jax.lax.psum(grad, axis_name)
+
+
+def grad_pmean(grad: PyTree, axis_name: AxisNames) -> PyTree:
+    """Average a gradient over data-parallel replicas: every replica gets the mean.
+
+    The data-parallel all-reduce: inside `shard_map`, `pmap` or a named `vmap`, each
+    replica holds the gradient of its part of the batch, and `grad_pmean` makes every
+    replica hold the gradient of the whole batch (for a loss that is a mean over
+    examples and equal-sized parts). Leaves are summed with one `jax.lax.psum` over the
+    whole tree (see `grad_psum`) and divided by the number of replicas, in float32 for
+    float16 and bfloat16 leaves and cast back; each leaf keeps its dtype.
+
+    Args:
+        grad: a `Gradient` or any pytree of floating-point or complex arrays.
+        axis_name: the mesh axis name, or a tuple of names, to average over.
+
+    Returns:
+        A pytree with the structure, shapes and dtypes of `grad`.
+
+    Raises:
+        TypeError: if `axis_name` is not a str or a non-empty tuple of str, or if a leaf
+            is not floating-point or complex (the message names it).
+
+    Example:
+        >>> per_replica = jaxgrad.Gradient([jnp.array([[1.0], [3.0]])], [])  # 2 replicas
+        >>> mean = jax.vmap(lambda g: jaxgrad.grad_pmean(g, "i"), axis_name="i")(per_replica)
+        >>> mean.layers[0]
+        Array([[2.],
+               [2.]], dtype=float32)
+    """
+    check_axis_name(axis_name)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(grad)[0]:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            raise TypeError(
+                f"`grad` must have floating-point or complex leaves to be averaged; at "
+                f"{where(path)} it has {describe_leaf(jnp.asarray(leaf))}. "
+                "Use `grad_psum` for integer leaves."
+            )
+    total = jax.lax.psum(grad, axis_name)
+    count = jax.lax.psum(1, axis_name)  # the number of replicas, a constant: no collective
+
+    def divide(x: Any) -> Array:
+        x = jnp.asarray(x)
+        wide = x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
+        return (wide / count).astype(x.dtype)
+
+    return jax.tree.map(divide, total)
