@@ -37,7 +37,11 @@ def _check(stats, key_suffix, expected):
 # -- by leaf (the default) -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tree_kind", ["nested", "gradient", "nnx_state"])
+@pytest.mark.parametrize(
+    ("tree_kind", "dtype"),
+    [("nested", jnp.float32), ("gradient", jnp.bfloat16), ("nnx_state", jnp.float16)],
+    ids=["nested-f32", "gradient-bf16", "nnx_state-f16"],
+)
 def test_per_leaf_stats_match_numpy(maybe_jit, tree_kind, dtype):
     tree = make_tree(tree_kind, dtype)
     stats = maybe_jit(jg.grad_stats)(tree)
