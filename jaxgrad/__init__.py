@@ -16,6 +16,8 @@ from ._accumulator import grad_accumulator_mean as grad_accumulator_mean
 from ._clip import GradStats as GradStats
 from ._clip import grad_clip as grad_clip
 from ._clip import grad_clip_by_magnitude as grad_clip_by_magnitude
+from ._collectives import grad_pmean as grad_pmean
+from ._collectives import grad_psum as grad_psum
 from ._constructors import null_grad as null_grad
 from ._constructors import random_grad as random_grad
 from ._constructors import zero_grad as zero_grad
@@ -68,6 +70,8 @@ __all__ = [
     "grad_norm",
     "grad_normalize",
     "grad_normalize_",
+    "grad_pmean",
+    "grad_psum",
     "grad_rms",
     "grad_stats",
     "grad_unflatten",

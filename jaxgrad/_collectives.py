@@ -39,12 +39,12 @@ def grad_psum(grad: PyTree, axis_name: AxisNames) -> PyTree:
 
     For use inside `shard_map`, `pmap` or a named `vmap`, where each replica (device)
     holds a whole gradient of its own, e.g. computed on its part of the batch. Each
-    leaf is summed over the mesh axes `axis_name` with `jax.lax.psum` on the whole tree
-    at once, and XLA's all-reduce combiner merges the per-leaf all-reduces into one
-    (tuple) all-reduce per dtype and replica group. The result has the
-    structure, shapes and dtypes of `grad`; sums are taken in each leaf's dtype. For
-    leaves that are shards of one larger gradient, use the reductions' `axis_name`
-    instead (`grad_norm(grad, axis_name=...)`).
+    leaf is summed over the mesh axes `axis_name` by one `jax.lax.psum` of the whole
+    tree; JAX emits an all-reduce per leaf and XLA's all-reduce combiner fuses them into
+    a few tuple all-reduces (on CPU: one for all float32 and bfloat16 leaves). The
+    result has the structure, shapes and dtypes of `grad`; sums are taken in each
+    leaf's dtype. For leaves that are shards of one larger gradient, use the
+    reductions' `axis_name` instead (`grad_norm(grad, axis_name=...)`).
 
     Args:
         grad: a `Gradient` or any pytree of arrays.
@@ -75,6 +75,12 @@ def grad_pmean(grad: PyTree, axis_name: AxisNames) -> PyTree:
     examples and equal-sized parts). Leaves are summed with one `jax.lax.psum` over the
     whole tree (see `grad_psum`) and divided by the number of replicas, in float32 for
     float16 and bfloat16 leaves and cast back; each leaf keeps its dtype.
+
+    Inside `shard_map` with `check_vma=True` (the default), `jax.grad` with respect to
+    replicated parameters already returns the sum of the replicas' gradients (it is the
+    same on every device, and averaging it changes nothing). For per-replica gradients
+    to average, differentiate with respect to `jax.lax.pcast(params, axis_name,
+    to="varying")`, or use `check_vma=False`.
 
     Args:
         grad: a `Gradient` or any pytree of floating-point or complex arrays.

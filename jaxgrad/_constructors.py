@@ -1,15 +1,24 @@
 """Gradients built from a model: `zero_grad`, `random_grad`, `null_grad`."""
 
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.core import Tracer
+from jax.sharding import PartitionSpec, Sharding
 
 from ._dispatch import compiled, has_tracer
 from ._gradient import Gradient
-from ._structure import check_array_leaves, check_callable, describe_leaf
+from ._structure import (
+    check_array_leaves,
+    check_callable,
+    check_same_structure,
+    describe_leaf,
+    where,
+)
 from ._typing import Array, DTypeLike, PyTree
 
 Sampler = Callable[[Array, tuple[int, ...], DTypeLike], Array]
@@ -70,6 +79,9 @@ def zero_grad(model: Any) -> PyTree:
     Args:
         model: a pytree of arrays, a layered model, or an `nnx.Module`.
 
+    Zeros of a sharded array get its sharding (not inside your own `jax.jit` with
+    auto mesh axes: there XLA places arrays that depend on no input).
+
     Returns:
         A pytree of zeros.
 
@@ -81,7 +93,12 @@ def zero_grad(model: Any) -> PyTree:
         {'b': Array([0, 0], dtype=bfloat16), 'w': Array([[0., 0.],
                [0., 0.]], dtype=float32)}
     """
-    return _zeros_like(parameters(model))
+    params = parameters(model)
+    if _has_sharded_leaf(params):
+        # Op by op, each zero array takes the sharding of its leaf; one compiled call
+        # would not (the zeros read nothing from `params`, so XLA would replicate them).
+        return jax.tree.map(jnp.zeros_like, params)
+    return _zeros_like(params)
 
 
 @compiled()
@@ -89,7 +106,21 @@ def _zeros_like(params: PyTree) -> PyTree:
     return jax.tree.map(jnp.zeros_like, params)
 
 
-def random_grad(model: Any, key: Array, *, sampler: Sampler = jax.random.uniform) -> PyTree:
+def _has_sharded_leaf(tree: PyTree) -> bool:
+    """Whether a leaf is a concrete `jax.Array` spread over more than one device."""
+    return any(
+        isinstance(x, jax.Array) and not isinstance(x, Tracer) and len(x.sharding.device_set) > 1
+        for x in jax.tree.leaves(tree)
+    )
+
+
+def random_grad(
+    model: Any,
+    key: Array,
+    *,
+    sampler: Sampler = jax.random.uniform,
+    out_shardings: Sharding | PyTree | None = None,
+) -> PyTree:
     """A gradient of random numbers shaped like the trainable parameters of `model`.
 
     The structure, shapes and dtypes are those of `zero_grad(model)`. Each leaf is
@@ -98,26 +129,51 @@ def random_grad(model: Any, key: Array, *, sampler: Sampler = jax.random.uniform
     `sampler=jax.random.normal` (or any function of that signature) for another law.
     The same key gives the same values; there is no global random state.
 
+    With `out_shardings` (one `jax.sharding.Sharding` for every leaf, or a tree of them
+    with the structure of `zero_grad(model)`) the values are generated already sharded,
+    each device computing only its own shards, and they are the same numbers as without
+    `out_shardings`. This needs a compiled call, so `sampler` is compiled too (it must
+    be pure; a sampler of your own then gives the numbers of its call under `jax.jit`,
+    which may differ in the last bit from its op-by-op call). It works across processes
+    with `jax.distributed`. Each device generates only its own shards when the flag
+    `jax_threefry_partitionable` is on (the default of recent JAX); with it off the
+    values are the same, but every device computes whole leaves.
+
     Args:
         model: a pytree of arrays, a layered model, or an `nnx.Module` (see `zero_grad`).
         key: a `jax.random` key (`jax.random.key(0)` or `jax.random.PRNGKey(0)`).
         sampler: a function `(key, shape, dtype) -> array`.
+        out_shardings: `None` (the default placement), a `Sharding` for all leaves, or
+            a pytree of `Sharding`s with the structure of `zero_grad(model)`.
 
     Returns:
         A pytree of random arrays.
 
     Raises:
-        TypeError: if `key` is not a PRNG key, `sampler` is not callable, or a leaf of
-            `model` is not an array.
+        TypeError: if `key` is not a PRNG key, `sampler` is not callable, a leaf of
+            `model` is not an array, or a leaf of `out_shardings` is not a `Sharding`.
+        ValueError: if `out_shardings` has another structure than `zero_grad(model)`,
+            or a sharding does not fit the shape of its leaf (the message names it).
 
     Example:
         >>> g = jaxgrad.random_grad({"w": jnp.zeros((2, 3))}, jax.random.key(0))
         >>> g["w"].shape, bool((g["w"] >= 0).all() & (g["w"] < 1).all())
         ((2, 3), True)
+        >>> mesh = jax.make_mesh((1,), ("data",))
+        >>> rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        >>> s = jaxgrad.random_grad({"w": jnp.zeros((2, 3))}, jax.random.key(0), out_shardings=rows)
+        >>> s["w"].sharding.spec, bool((s["w"] == g["w"]).all())
+        (P('data',), True)
     """
     check_callable("sampler", sampler)
     _check_key(key)
     params = parameters(model)
+    if out_shardings is not None:
+        shardings = _check_shardings(out_shardings, params)
+        leaves, treedef = jax.tree.flatten(params)
+        spec = tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves)
+        generate = _random_sharded(treedef, tuple(jax.tree.leaves(shardings)))
+        return generate(key, treedef, spec, sampler)
     if any(sampler is s for s in _PURE_SAMPLERS) and not has_tracer((params, key)):
         return _random_like_jit(params, key, sampler)
     return _random_like(params, key, sampler)
@@ -137,6 +193,55 @@ def _random_like(params: PyTree, key: Array, sampler: Sampler) -> PyTree:
 # runs as plain Python, as with every other user callable.
 _PURE_SAMPLERS = (jax.random.uniform, jax.random.normal)
 _random_like_jit = jax.jit(_random_like, static_argnums=2)
+
+
+def _random_from_spec(
+    key: Array, treedef: Any, spec: tuple[tuple[tuple[int, ...], Any], ...], sampler: Sampler
+) -> PyTree:
+    """`_random_like` from shapes and dtypes only: the same subkeys, the same numbers."""
+    keys = jax.random.split(key, len(spec)) if spec else []
+    values = [sampler(k, shape, dtype) for k, (shape, dtype) in zip(keys, spec, strict=True)]
+    return jax.tree.unflatten(treedef, values)
+
+
+@functools.lru_cache(maxsize=64)
+def _random_sharded(treedef: Any, shardings: tuple[Sharding, ...]) -> Callable[..., Any]:
+    """`_random_from_spec` compiled to output `shardings`, cached per tree and shardings.
+
+    Only the key is an argument (no parameter arrays travel), so each device computes
+    its own shards, also when the shardings span several processes.
+    """
+    out_shardings = jax.tree.unflatten(treedef, shardings)
+    return jax.jit(_random_from_spec, static_argnums=(1, 2, 3), out_shardings=out_shardings)
+
+
+def _check_shardings(out_shardings: Any, params: PyTree) -> PyTree:
+    """`out_shardings` as a full tree of `Sharding`s matching `params`, or raise."""
+    if isinstance(out_shardings, Sharding):
+        out_shardings = jax.tree.map(lambda _: out_shardings, params)
+    else:
+        check_same_structure("out_shardings", out_shardings, "zero_grad(model)", params)
+    paths = jax.tree_util.tree_flatten_with_path(out_shardings)[0]
+    for (path, sharding), leaf in zip(paths, jax.tree.leaves(params), strict=True):
+        if not isinstance(sharding, Sharding):
+            found = f"{type(sharding).__name__} {sharding!r:.60}"
+            if isinstance(sharding, PartitionSpec):
+                found = (
+                    f"the PartitionSpec {sharding}, which needs a mesh: `NamedSharding(mesh, spec)`"
+                )
+            raise TypeError(
+                f"`out_shardings` must be a `jax.sharding.Sharding` or a pytree of them; at "
+                f"{where(path)} it has {found}."
+            )
+        try:
+            sharding.shard_shape(tuple(jnp.shape(leaf)))
+        except (ValueError, IndexError) as error:  # IndexError: more axes than dimensions
+            reason = str(error) if isinstance(error, ValueError) else "too many dimensions"
+            raise ValueError(
+                f"`out_shardings` at {where(path)} does not fit the leaf "
+                f"{describe_leaf(jnp.asarray(leaf))} of `zero_grad(model)`: {reason}."
+            ) from None
+    return out_shardings
 
 
 def _check_key(key: Any) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ._dispatch import compiled, has_tracer
 from ._typing import Array, ArrayLike, PyTree
@@ -41,7 +42,29 @@ def grad_flatten(grad: PyTree) -> Array:
     dtype = _common_dtype([x.dtype for x in leaves])
     if not leaves:
         return jnp.zeros((0,), dtype)
-    return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+    return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in _ravelable(leaves)])
+
+
+def _ravelable(leaves: list[Array]) -> list[Array]:
+    """Leaves that `ravel` and `concatenate` accept under explicit sharding.
+
+    With explicit mesh axes, `concatenate` needs one sharding for all pieces and `ravel`
+    cannot merge a sharded trailing dimension; unless every leaf is sharded only along
+    its first dimension, and all alike, the sharded leaves are replicated first. Without
+    explicit axes every spec is empty and the leaves pass unchanged.
+    """
+    if not hasattr(jax, "typeof"):  # a JAX without explicit sharding
+        return leaves
+    specs = [tuple(jax.typeof(x).sharding.spec) for x in leaves]
+    firsts = {spec[0] if spec else None for spec in specs}
+    if len(firsts) == 1 and all(entry is None for spec in specs for entry in spec[1:]):
+        return leaves
+    return [
+        jax.sharding.reshard(x, NamedSharding(jax.typeof(x).sharding.mesh, PartitionSpec()))
+        if any(entry is not None for entry in spec)
+        else x
+        for x, spec in zip(leaves, specs, strict=True)
+    ]
 
 
 def grad_unflatten(vector: ArrayLike, like: PyTree) -> PyTree:
