@@ -35,6 +35,21 @@ def has_tracer(tree: Any) -> bool:
     return any(isinstance(leaf, Tracer) for leaf in jax.tree.leaves(tree))
 
 
+def call_jitted(
+    jitted: Callable[..., Any], fn: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """`jitted(*args, **kwargs)`, falling back to `fn` when JAX rejects an argument.
+
+    JAX rejects a non-array leaf before `fn` runs, with an error that does not follow the
+    house style; the plain call raises `fn`'s own error, which names the argument and
+    the key path.
+    """
+    try:
+        return jitted(*args, **kwargs)
+    except TypeError:
+        return fn(*args, **kwargs)
+
+
 def compiled(
     *, static_argnames: Sequence[str] = (), donate_argnames: Sequence[str] = ()
 ) -> Callable[[F], F]:
@@ -51,7 +66,7 @@ def compiled(
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if has_tracer((args, kwargs)):
                 return fn(*args, **kwargs)
-            return jitted(*args, **kwargs)
+            return call_jitted(jitted, fn, *args, **kwargs)
 
         wrapper.jitted = jitted  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._collectives import check_axis_name
-from ._dispatch import compiled, has_tracer
+from ._dispatch import call_jitted, compiled, has_tracer
 from ._donate import check_donatable
-from ._structure import check_callable, describe_leaf, where
+from ._structure import check_array_leaves, check_callable, describe_leaf, where
 from ._typing import Array, ArrayLike, PyTree
 
 AxisName = str | tuple[str, ...] | None
@@ -28,6 +28,7 @@ def accumulation_dtype(dtypes: Any) -> np.dtype:
 
 
 def _leaves(grad: PyTree) -> list[Array]:
+    check_array_leaves("grad", grad)
     return [jnp.asarray(x) for x in jax.tree.leaves(grad)]
 
 
@@ -247,6 +248,7 @@ def _check_inexact(name: str, grad: PyTree) -> None:
 
 
 def _normalize(grad: PyTree, axis_name: AxisName) -> PyTree:
+    check_array_leaves("grad", grad)
     _check_inexact("grad", grad)
     norm = grad_norm(grad, axis_name=axis_name)
     nonzero = norm != 0
@@ -291,7 +293,7 @@ def grad_normalize(grad: PyTree, *, axis_name: AxisName = None) -> PyTree:
     """
     if has_tracer(grad):
         return _normalize(grad, axis_name)
-    return _normalize_jit(grad, axis_name=axis_name)
+    return call_jitted(_normalize_jit, _normalize, grad, axis_name=axis_name)
 
 
 def grad_normalize_(grad: PyTree, *, axis_name: AxisName = None, donate: bool = False) -> PyTree:
@@ -330,5 +332,5 @@ def grad_normalize_(grad: PyTree, *, axis_name: AxisName = None, donate: bool = 
         return _normalize(grad, axis_name)
     if donate:
         check_donatable("grad", grad)
-        return _normalize_donated(grad, axis_name=axis_name)
-    return _normalize_jit(grad, axis_name=axis_name)
+        return call_jitted(_normalize_donated, _normalize, grad, axis_name=axis_name)
+    return call_jitted(_normalize_jit, _normalize, grad, axis_name=axis_name)

@@ -133,3 +133,13 @@ def test_user_callables_never_return_stale_results(call):
     finally:
         GLOBAL_SCALE = 2.0
     np.testing.assert_allclose(second, first * 2.5)
+
+
+@pytest.mark.parametrize(
+    "fn", [jg.grad_norm, jg.grad_magnitude, jg.grad_normalize, jg.grad_flatten]
+)
+def test_eager_non_array_leaf_gets_the_house_error(fn):
+    with pytest.raises(
+        TypeError, match=r"`grad` must be a pytree of arrays; at \['step'\] it has a str: 'seven'"
+    ):
+        fn({"w": jnp.ones(2), "step": "seven"})
