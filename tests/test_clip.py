@@ -61,6 +61,7 @@ def test_clip_differs_from_optax_only_where_optax_gives_nan():
 # -- dtypes, structure, bound -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("fn", [jg.grad_clip, jg.grad_clip_by_magnitude])
 def test_clip_keeps_structure_and_dtypes_and_meets_the_bound(fn, dtype):
     tree = make_tree("nested", dtype)
