@@ -110,7 +110,8 @@ def build_rows(tree: Any) -> list[Row]:
         leaves, treedef = jax.tree.flatten(t)
         keys = jax.random.split(k, len(leaves))
         return jax.tree.unflatten(
-            treedef, [jax.random.uniform(kk, x.shape, x.dtype) for kk, x in zip(keys, leaves, strict=True)]
+            treedef,
+            [jax.random.uniform(kk, x.shape, x.dtype) for kk, x in zip(keys, leaves, strict=True)],
         )
 
     def tm_flatten(t: Any) -> Any:
@@ -185,7 +186,8 @@ def build_rows(tree: Any) -> list[Row]:
                     jit(lambda a, b: jax.tree.map(jnp.add, a, b)), same(tree, other)
                 ),
                 "numpy loop": Case(
-                    lambda a, b: [x + y for x, y in zip(a, b, strict=True)], same(np_leaves, np_other)
+                    lambda a, b: [x + y for x, y in zip(a, b, strict=True)],
+                    same(np_leaves, np_other),
                 ),
                 "roofline": Case(jit(jnp.add), same(flat, flat2)),
             },
@@ -346,48 +348,86 @@ def compile_times(leaves: int, rounds: int) -> tuple[float, float]:
 
 
 _MEMORY_SCRIPT = r"""
-import resource, sys
+import sys
 sys.path.insert(0, {bench!r})
 import jax, jax.numpy as jnp
 import jaxgrad as jg
 from trees import tree_a
-donate = {donate}
-op = {op!r}
-tree = tree_a()
-other = jax.tree.map(lambda x: x + 1, tree)
-jax.block_until_ready((tree, other))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-for _ in range(3):
+donate, op = {donate}, {op!r}
+
+
+def update(tree, other):
     if op == "apply_":
-        tree = jg.grad_apply_(lambda x: x * 0.5, tree, donate=donate)
-    elif op == "mapzip_":
-        tree = jg.grad_mapzip_(jnp.add, tree, other, donate=donate)
-    else:
-        tree = jg.grad_normalize_(tree, donate=donate)
+        return jg.grad_apply_(jnp.negative, tree, donate=donate)
+    if op == "mapzip_":
+        return jg.grad_mapzip_(jnp.add, tree, other, donate=donate)
+    return jg.grad_normalize_(tree, donate=donate)
+
+
+def host_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+other = tree_a(1)
+stats = jax.devices()[0].memory_stats()  # None on CPU: then the process's resident memory
+if not stats:  # compiling grows host memory: do it before measuring
+    jax.block_until_ready(update(tree_a(), other))
+tree = tree_a()
+jax.block_until_ready(tree)
+if stats:  # device memory; its peak counter cannot be reset, so nothing ran before
+    base = jax.devices()[0].memory_stats()["bytes_in_use"]
+else:
+    with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark VmHWM
+        f.write("5")
+    base = host_kib("VmRSS:") * 1024
+for _ in range(3):
+    tree = update(tree, other)
     jax.block_until_ready(tree)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+stats = jax.devices()[0].memory_stats()
+peak = stats["peak_bytes_in_use"] if stats else host_kib("VmHWM:") * 1024
+print(peak - base)
 """
 
 
 def peak_memory_mb(op: str, donate: bool) -> float:
-    """Growth of peak RSS (MiB) over three in-place updates of tree A, in a fresh process."""
+    """Growth of peak memory (MiB) over three in-place updates of tree A, in a fresh process.
+
+    Device memory where the backend reports it (GPU), else the process's peak RSS (CPU).
+    """
     script = _MEMORY_SCRIPT.format(
         bench=os.path.dirname(os.path.abspath(__file__)), donate=donate, op=op
     )
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=600
     )
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    return int(out.stdout.strip().splitlines()[-1]) / 2**20
+
+
+def print_memory() -> None:
+    """The peak-memory table of the in-place variants, with and without donation."""
+    where = "device memory" if jax.devices()[0].memory_stats() else "peak RSS of the process"
+    print(f"## Peak memory growth ({where}) over three in-place updates of tree A (160 MiB)\n")
+    print("| op | donate=False | donate=True |\n|---|---|---|")
+    for op in ("apply_", "mapzip_", "normalize_"):
+        print(
+            f"| grad_{op} | {peak_memory_mb(op, False):.0f} MiB | {peak_memory_mb(op, True):.0f} MiB |"
+        )
+    print()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run every benchmark and print the tables and the target checks."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--only-memory", action="store_true", help="just the peak-memory rows")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny trees, one round: a check that it runs"
     )
     args = parser.parse_args(argv)
+    if args.only_memory:
+        print_memory()
+        return 0
 
     print(
         f"# jaxgrad benchmarks\n\njax {jax.__version__}, {jax.devices()[0].device_kind} "
@@ -416,13 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         f"optax {optax_c:.3f} s, ratio {jg_c / optax_c:.2f}\n"
     )
 
-    print("## Peak memory over three in-place updates of tree A (168 MB)\n")
-    print("| op | donate=False | donate=True |\n|---|---|---|")
-    for op in ("apply_", "mapzip_", "normalize_"):
-        print(
-            f"| grad_{op} | {peak_memory_mb(op, False):.0f} MiB | {peak_memory_mb(op, True):.0f} MiB |"
-        )
-    print()
+    print_memory()
 
     a, b = results["A (145 leaves, 42M entries)"], results["B (145 leaves x 4)"]
     checks = []
