@@ -9,6 +9,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ._dispatch import compiled, has_tracer
+from ._structure import check_array_leaves
 from ._typing import Array, ArrayLike, PyTree
 
 
@@ -38,6 +39,7 @@ def grad_flatten(grad: PyTree) -> Array:
         >>> jaxgrad.grad_flatten({"a": jnp.ones((2, 2)), "b": jnp.zeros(1)})
         Array([1., 1., 1., 1., 0.], dtype=float32)
     """
+    check_array_leaves("grad", grad)
     leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
     dtype = _common_dtype([x.dtype for x in leaves])
     if not leaves:
