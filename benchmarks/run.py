@@ -4,8 +4,8 @@ Every operation runs in several variants side by side in one process: jaxgrad ea
 under the user's `jax.jit`, `optax.tree_utils` eager and jitted where it has the
 operation, a hand-written `jax.tree.map` eager and jitted, a paysage-style loop over numpy
 arrays, and the roofline: the same arithmetic on one flat array of all the entries,
-jitted. Runs are interleaved (one of each variant per round) and the median over rounds
-is reported, since a shared machine is noisy.
+jitted. Runs are interleaved (one of each variant per round, in a shuffled order) and
+the median over rounds is reported, since a shared machine is noisy.
 
 Usage: python benchmarks/run.py [--rounds N] [--smoke]
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -298,9 +299,12 @@ def time_rows(rows: list[Row], rounds: int) -> dict[str, dict[str, float]]:
     for row in rows:  # warm-up: compile everything once
         for case in row.cases.values():
             _block(case.run(*case.prepare()))
+    order = random.Random(0)
     for _ in range(rounds):
         for row in rows:
-            for name, case in row.cases.items():
+            # A fresh order each round, so no variant always follows the same neighbour
+            # (the allocator and cache state an operation leaves behind skews the next).
+            for name, case in order.sample(list(row.cases.items()), len(row.cases)):
                 args = case.prepare()
                 _block(args)
                 start = time.perf_counter()
