@@ -76,11 +76,11 @@ def zero_grad(model: Any) -> PyTree:
       `nnx.grad` returns for it (only `nnx.Param` variables: no batch statistics, no
       RNG state).
 
-    Args:
-        model: a pytree of arrays, a layered model, or an `nnx.Module`.
-
     Zeros of a sharded array get its sharding (not inside your own `jax.jit` with
     auto mesh axes: there XLA places arrays that depend on no input).
+
+    Args:
+        model: a pytree of arrays, a layered model, or an `nnx.Module`.
 
     Returns:
         A pytree of zeros.
@@ -94,7 +94,7 @@ def zero_grad(model: Any) -> PyTree:
                [0., 0.]], dtype=float32)}
     """
     params = parameters(model)
-    if _has_sharded_leaf(params):
+    if jax.device_count() > 1 and _has_sharded_leaf(params):
         # Op by op, each zero array takes the sharding of its leaf; one compiled call
         # would not (the zeros read nothing from `params`, so XLA would replicate them).
         return jax.tree.map(jnp.zeros_like, params)
