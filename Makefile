@@ -26,6 +26,7 @@ lint: $(BIN)/python
 bench: $(BIN)/python
 	$(PIP) -e ".[test]"
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/accumulation_memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -96,7 +96,7 @@ def grad_unflatten(vector: ArrayLike, like: PyTree) -> PyTree:
     if vector.ndim != 1:
         raise ValueError(f"`vector` must be 1-D; got shape {tuple(vector.shape)}.")
     templates, treedef = jax.tree.flatten(like)
-    spec = tuple((tuple(np.shape(t)), _dtype_of(t)) for t in templates)
+    spec = tuple((_shape_of(t), _dtype_of(t)) for t in templates)
     total = sum(math.prod(shape) for shape, _ in spec)
     if vector.shape[0] != total:
         raise ValueError(
@@ -106,6 +106,11 @@ def grad_unflatten(vector: ArrayLike, like: PyTree) -> PyTree:
     if has_tracer(vector):
         return _unflatten(vector, treedef, spec)
     return _unflatten_jit(vector, treedef, spec)
+
+
+def _shape_of(template: Any) -> tuple[int, ...]:
+    shape = getattr(template, "shape", None)  # np.shape would convert a ShapeDtypeStruct
+    return tuple(np.shape(template) if shape is None else shape)
 
 
 def _dtype_of(template: Any) -> np.dtype:
