@@ -11,7 +11,7 @@ $(BIN)/python:
 
 test: $(BIN)/python
 	$(PIP) -e ".[test,flax]"
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 demo: $(BIN)/python
 	$(PIP) -e ".[demo]"
