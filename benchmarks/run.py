@@ -7,7 +7,7 @@ arrays, and the roofline: the same arithmetic on one flat array of all the entri
 jitted. Runs are interleaved (one of each variant per round, in a shuffled order) and
 the median over rounds is reported, since a shared machine is noisy.
 
-Usage: python benchmarks/run.py [--rounds N] [--smoke]
+Usage: python benchmarks/run.py [--rounds N] [--only A|B|compile|memory] [--smoke]
 """
 
 from __future__ import annotations
@@ -408,6 +408,16 @@ def peak_memory_mb(op: str, donate: bool) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 2**20
 
 
+def print_compile() -> tuple[float, float]:
+    """The compile-time row: jitted norm of a 2,000-leaf tree, jaxgrad against optax."""
+    jg_c, optax_c = compile_times(2000, 5)
+    print(
+        f"## Compile time, jitted norm of a 2,000-leaf tree\n\njaxgrad {jg_c:.3f} s, "
+        f"optax {optax_c:.3f} s, ratio {jg_c / optax_c:.2f}\n"
+    )
+    return jg_c, optax_c
+
+
 def print_memory() -> None:
     """The peak-memory table of the in-place variants, with and without donation."""
     where = "device memory" if jax.devices()[0].memory_stats() else "peak RSS of the process"
@@ -424,13 +434,20 @@ def main(argv: list[str] | None = None) -> int:
     """Run every benchmark and print the tables and the target checks."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--only-memory", action="store_true", help="just the peak-memory rows")
+    parser.add_argument(
+        "--only",
+        choices=["A", "B", "compile", "memory"],
+        help="one part alone: a tree's table, the compile time or the peak memory (no targets)",
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny trees, one round: a check that it runs"
     )
     args = parser.parse_args(argv)
-    if args.only_memory:
+    if args.only == "memory":
         print_memory()
+        return 0
+    if args.only == "compile":
+        print_compile()
         return 0
 
     print(
@@ -438,28 +455,20 @@ def main(argv: list[str] | None = None) -> int:
         f"({jax.default_backend()}), {os.cpu_count()} cores, {platform.processor() or platform.machine()}, "
         f"median of {args.rounds if not args.smoke else 1} interleaved rounds.\n"
     )
-    trees = (
-        {"B (145 leaves x 4)": tree_b()}
-        if args.smoke
-        else {
-            "A (145 leaves, 42M entries)": tree_a(),
-            "B (145 leaves x 4)": tree_b(),
-        }
-    )
+    trees = {}
+    if args.only in (None, "A") and not args.smoke:
+        trees["A (145 leaves, 42M entries)"] = tree_a()
+    if args.only in (None, "B"):
+        trees["B (145 leaves x 4)"] = tree_b()
     results = {}
     for label, tree in trees.items():
         times = time_rows(build_rows(tree), 1 if args.smoke else args.rounds)
         results[label] = times
         print(f"## Tree {label}\n\n{table(times)}\n")
-    if args.smoke:
+    if args.smoke or args.only:
         return 0
 
-    jg_c, optax_c = compile_times(2000, 5)
-    print(
-        f"## Compile time, jitted norm of a 2,000-leaf tree\n\njaxgrad {jg_c:.3f} s, "
-        f"optax {optax_c:.3f} s, ratio {jg_c / optax_c:.2f}\n"
-    )
-
+    jg_c, optax_c = print_compile()
     print_memory()
 
     a, b = results["A (145 leaves, 42M entries)"], results["B (145 leaves x 4)"]
