@@ -92,7 +92,8 @@ _leaf = hnp.arrays(
 ).map(jnp.asarray)
 
 
-def _extend(children: st.SearchStrategy) -> st.SearchStrategy:
+def extend_tree(children: st.SearchStrategy) -> st.SearchStrategy:
+    """Hypothesis: one level of containers (list, tuple, dict, Gradient) over `children`."""
     return st.one_of(
         st.lists(children, max_size=3),
         st.lists(children, max_size=3).map(tuple),
@@ -101,4 +102,4 @@ def _extend(children: st.SearchStrategy) -> st.SearchStrategy:
     )
 
 
-trees = st.recursive(st.one_of(_leaf, st.none()), _extend, max_leaves=8)
+trees = st.recursive(st.one_of(_leaf, st.none()), extend_tree, max_leaves=8)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
-import jaxgrad as jg
+from conftest import extend_tree
 
 LEAF_DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 _FINITE = st.floats(-100, 100, width=32)
@@ -31,18 +31,9 @@ def leaves(nonfinite: bool = False) -> st.SearchStrategy:
     )
 
 
-def _extend(children: st.SearchStrategy) -> st.SearchStrategy:
-    return st.one_of(
-        st.lists(children, max_size=3),
-        st.lists(children, max_size=3).map(tuple),
-        st.dictionaries(st.text("abcdef", min_size=1, max_size=3), children, max_size=3),
-        st.tuples(children, children).map(lambda t: jg.Gradient(layers=[t[0]], weights=[t[1]])),
-    )
-
-
 def trees(nonfinite: bool = False) -> st.SearchStrategy:
     """Random pytrees of mixed-dtype leaves; with `nonfinite`, entries may be NaN or inf."""
-    return st.recursive(st.one_of(leaves(nonfinite), st.none()), _extend, max_leaves=6)
+    return st.recursive(st.one_of(leaves(nonfinite), st.none()), extend_tree, max_leaves=6)
 
 
 def as_f64(x) -> np.ndarray:
