@@ -151,17 +151,8 @@ def test_fit_sklearn_replays_fit_and_scores_with_sklearn_energies():
 
     train, held_out = demo.bars_and_stripes(4), demo.bars_and_stripes(4)[::3]
     epochs = []
-    result = demo.fit_sklearn(
-        train,
-        held_out=held_out,
-        epochs=3,
-        passes=2,
-        hidden=8,
-        lr=0.1,
-        batch_size=7,
-        seed=5,
-        on_epoch=epochs.append,
-    )
+    settings = dict(held_out=held_out, epochs=3, passes=2, hidden=8, lr=0.1, batch_size=7, seed=5)
+    result = demo.fit_sklearn(train, **settings, on_epoch=epochs.append)
     assert result.compile_seconds is None and result.grad_magnitudes.size == 0
     assert epochs == result.history and [s.epoch for s in epochs] == [1, 2, 3]
     reference = BernoulliRBM(
@@ -177,17 +168,7 @@ def test_fit_sklearn_replays_fit_and_scores_with_sklearn_energies():
     )
     np.testing.assert_allclose(result.history[-1].pseudo_log_likelihood, float(final), rtol=1e-6)
     # Without the replay, only the last epoch is scored, from the fitted model itself.
-    short = demo.fit_sklearn(
-        train,
-        held_out=held_out,
-        epochs=3,
-        passes=2,
-        hidden=8,
-        lr=0.1,
-        batch_size=7,
-        seed=5,
-        replay=False,
-    )
+    short = demo.fit_sklearn(train, **settings, replay=False)
     assert short.history == [result.history[-1]]
     # The conversion keeps scikit-learn's energy: score with its own free energy.
     x = held_out.astype(np.float64)
