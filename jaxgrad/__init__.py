@@ -39,7 +39,9 @@ from ._reduce import grad_norm as grad_norm
 from ._reduce import grad_normalize as grad_normalize
 from ._reduce import grad_normalize_ as grad_normalize_
 from ._reduce import grad_rms as grad_rms
+from ._stats import GroupStats as GroupStats
 from ._stats import grad_stats as grad_stats
+from ._stats import path_name as path_name
 
 try:
     __version__ = importlib.metadata.version("jaxgrad")
@@ -50,6 +52,7 @@ __all__ = [
     "Gradient",
     "GradAccumulator",
     "GradStats",
+    "GroupStats",
     "NonfiniteReport",
     "grad_accumulate",
     "grad_accumulate_microbatches",
@@ -77,6 +80,7 @@ __all__ = [
     "grad_unflatten",
     "grad_where_finite",
     "null_grad",
+    "path_name",
     "random_grad",
     "zero_grad",
 ]

@@ -13,8 +13,13 @@ import numpy as np
 
 from ._dispatch import compiled, has_tracer
 from ._donate import check_donatable
-from ._reduce import _check_inexact
-from ._structure import check_callable, check_same_shapes, check_same_structure, where
+from ._structure import (
+    check_array_leaves,
+    check_callable,
+    check_same_shapes,
+    check_same_structure,
+    where,
+)
 from ._typing import Array, DTypeLike, PyTree
 
 
@@ -168,7 +173,7 @@ def grad_accumulator_add(
     _check_state(state)
     check_same_structure("state.total", state.total, "grad", grad)
     check_same_shapes("state.total", state.total, "grad", grad)
-    _check_inexact("grad", grad)
+    check_array_leaves("grad", grad, inexact=True)
     if has_tracer((state, grad)):
         return _add(state, grad)
     if donate:

@@ -1,5 +1,7 @@
 """Clipping that reports: `grad_clip`, `grad_clip_by_magnitude` and their `GradStats`."""
 
+import functools
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -7,69 +9,114 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
-from ._dispatch import compiled
-from ._reduce import (
-    AxisName,
-    _check_inexact,
-    _psum,
-    _safe_sqrt,
-    _sum_of_squares,
-    accumulation_dtype,
-)
+from ._collectives import check_axis_name
+from ._numerics import AxisName, accumulation_dtype
+from ._numerics import rms as root_mean_square
+from ._stats import By, Groups, GroupStats, resolve_groups
+from ._stats import measure as measure_groups
+from ._structure import check_array_leaves
 from ._typing import Array, ArrayLike, PyTree
 
 
 class GradStats(NamedTuple):
-    """What a clip did: the pre-clip norm and RMS, the scale applied, and two flags.
+    """What a clip did: the pre-clip norm and RMS, the scale applied, two flags, and groups.
 
-    A `NamedTuple`, hence a pytree of 0-d arrays: return it from `jax.jit`, carry it
-    through `jax.lax.scan`, keep it in an optax state, or log `stats._asdict()`.
+    A `NamedTuple`, hence a pytree of 0-d arrays (and, with `by`, a `GroupStats`): return
+    it from `jax.jit`, carry it through `jax.lax.scan`, keep it in an optax state, and
+    log `stats.as_dict()` on the host.
 
     Attributes:
         norm: the L2 norm of the gradient before clipping (float32, or float64 under
             x64), NaN or inf when the gradient holds NaN or inf.
         rms: the root-mean-square of all entries before clipping (same dtype).
-        scale: the factor every entry was multiplied by: 1 when nothing was clipped,
-            `bound / norm` (or `bound / rms`) when it was, 0 when the norm was not finite.
+        scale: the factor every entry was multiplied by: `bound / norm` (or
+            `bound / rms`) when the gradient was clipped, else 1.
         clipped: whether the gradient was changed, i.e. `scale < 1`.
-        finite: whether the pre-clip norm was finite.
+        finite: whether every entry was finite. When it is False nothing was scaled:
+            the NaN or inf entries are passed on, so that `optax.apply_if_finite` or
+            `grad_where_finite` skip the step.
+        groups: with `grad_clip(..., by=...)`, the `GroupStats` of the gradient before
+            clipping, computed in the same pass; else `None`.
 
     Example:
         >>> _, stats = jaxgrad.grad_clip({"w": jnp.array([3.0, 4.0])}, 1.0)
-        >>> stats
-        GradStats(norm=Array(5., dtype=float32), rms=Array(3.535534, dtype=float32), scale=Array(0.2, dtype=float32), clipped=Array(True, dtype=bool), finite=Array(True, dtype=bool))
-        >>> {k: float(v) for k, v in stats._asdict().items()}
-        {'norm': 5.0, 'rms': 3.535533905029297, 'scale': 0.2, 'clipped': 1.0, 'finite': 1.0}
-    """  # noqa: E501
+        >>> stats.norm, stats.scale, stats.clipped
+        (Array(5., dtype=float32), Array(0.2, dtype=float32), Array(True, dtype=bool))
+        >>> stats.as_dict()
+        {'norm': 5.0, 'rms': 3.535533905029297, 'scale': 0.2, 'clipped': True, 'finite': True}
+    """
 
     norm: Array
     rms: Array
     scale: Array
     clipped: Array
     finite: Array
+    groups: GroupStats | None = None
+
+    def as_dict(self, prefix: str = "") -> dict[str, Any]:
+        """A flat dict for a logger, read from the device in one transfer.
+
+        The clip's own values under `<prefix>norm`, `rms`, `scale`, `clipped` and
+        `finite`, then, with groups, every key of `GroupStats.as_dict`. Values are Python
+        numbers, or numpy arrays for stats stacked by `jax.lax.scan`.
+
+        Args:
+            prefix: prepended to every key, e.g. `"grad/"`.
+
+        Returns:
+            A dict from `str` to numbers or numpy arrays.
+
+        Example:
+            >>> _, stats = jaxgrad.grad_clip({"a": jnp.ones(2), "b": jnp.ones(2)}, 1.0, by="leaf")
+            >>> sorted(stats.as_dict())  # doctest: +NORMALIZE_WHITESPACE
+            ['clipped', 'finite', 'max_abs', 'max_abs/a', 'max_abs/b', 'nonfinite',
+             'nonfinite/a', 'nonfinite/b', 'norm', 'norm/a', 'norm/b', 'rms', 'rms/a',
+             'rms/b', 'scale']
+        """
+        fields = ("norm", "rms", "scale", "clipped", "finite")
+        try:
+            host = jax.device_get([getattr(self, f) for f in fields])
+        except jax.errors.TracerArrayConversionError:
+            raise TypeError(
+                "`GradStats.as_dict` reads the statistics on the host; call it on the stats "
+                "returned from `jax.jit`, not inside the traced function."
+            ) from None
+        out = {} if self.groups is None else self.groups.as_dict(prefix)
+        for name, value in zip(fields, host, strict=True):
+            value = np.asarray(value)
+            out[f"{prefix}{name}"] = value.item() if value.ndim == 0 else value
+        return out
 
 
-def check_bound(name: str, value: ArrayLike) -> ArrayLike:
+def check_bound(name: str, value: Any) -> Any:
     """`value` as a Python float (one compilation for every bound), or a tracer as it is.
 
-    Raises unless `value` is a non-negative real scalar (NaN excluded); tracers pass.
+    Accepts any real scalar: Python and numpy numbers, `fractions.Fraction`, 0-d arrays
+    of any integer or floating dtype (bfloat16 included). Raises unless it is
+    non-negative (NaN excluded); tracers pass unchecked.
     """
     if isinstance(value, Tracer):
         if np.ndim(value) != 0:
             raise ValueError(f"`{name}` must be a scalar; got an array of shape {value.shape}.")
         return value
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.number, np.ndarray, jax.Array)
-    ):
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a real number; got bool {value!r}.")
+    if isinstance(value, numbers.Real):
+        number = float(value)
+    elif isinstance(value, (np.ndarray, jax.Array)):
+        if np.ndim(value) != 0:
+            raise ValueError(
+                f"`{name}` must be a scalar; got an array of shape {tuple(value.shape)}."
+            )
+        dtype = value.dtype
+        if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+            raise TypeError(f"`{name}` must be a real number; got dtype {np.dtype(dtype).name}.")
+        number = float(value)
+    else:
         raise TypeError(f"`{name}` must be a real number; got {type(value).__name__} {value!r}.")
-    array = np.asarray(value)
-    if array.ndim != 0:
-        raise ValueError(f"`{name}` must be a scalar; got an array of shape {array.shape}.")
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise TypeError(f"`{name}` must be a real number; got dtype {array.dtype}.")
-    if not array >= 0:  # also catches NaN
-        raise ValueError(f"`{name}` must be a non-negative number; got {array.item()!r}.")
-    return float(array)
+    if not number >= 0:  # also catches NaN
+        raise ValueError(f"`{name}` must be a non-negative number; got {number!r}.")
+    return number
 
 
 def _work_dtype(dtype: Any, acc: np.dtype) -> Any:
@@ -79,38 +126,37 @@ def _work_dtype(dtype: Any, acc: np.dtype) -> Any:
     return acc
 
 
-@compiled(static_argnames=("measure", "axis_name"))
+@functools.partial(jax.jit, static_argnames=("measure", "groups", "axis_name"))
 def _clip(
-    grad: PyTree, bound: ArrayLike, *, measure: str, axis_name: AxisName
+    grad: PyTree, bound: Any, *, measure: str, groups: Groups | None, axis_name: AxisName
 ) -> tuple[PyTree, GradStats]:
     leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
     acc = accumulation_dtype(x.dtype for x in leaves)
-    total = _sum_of_squares(leaves, acc)
-    count = jnp.asarray(sum(x.size for x in leaves), acc)
-    if axis_name is not None:  # one collective for both partials
-        total, count = _psum(jnp.stack([total, count]), axis_name)
-    norm = _safe_sqrt(total)
-    rms = _safe_sqrt(total / jnp.where(count == 0, 1, count))
+    norm, group_stats = measure_groups(leaves, groups, axis_name)
+    norm = norm.astype(acc)
+    rms = root_mean_square(norm, sum(x.size for x in leaves), axis_name)
     value = norm if measure == "norm" else rms
     bound = jnp.asarray(bound).astype(acc)
-    finite = jnp.isfinite(total)
+    finite = jnp.isfinite(norm)
     over = finite & (value > bound)
     divisor = jnp.where(over, value, 1)  # never 0 where it is used, so no NaN in derivatives
-    scale = jnp.where(over, bound / divisor, jnp.where(finite, 1, 0).astype(acc))
+    scale = jnp.where(over, bound / divisor, 1)
 
     def rescale(x: Any) -> Array:
         x = jnp.asarray(x)
         work = _work_dtype(x.dtype, acc)
         # (x / value) * bound in this order, as optax.clip_by_global_norm computes it.
         clipped = ((x.astype(work) / divisor.astype(work)) * bound.astype(work)).astype(x.dtype)
-        return jnp.where(finite, jnp.where(over, clipped, x), jnp.zeros_like(x))
+        return jnp.where(over, clipped, x)
 
-    stats = GradStats(norm=norm, rms=rms, scale=scale, clipped=scale < 1, finite=finite)
+    stats = GradStats(
+        norm=norm, rms=rms, scale=scale, clipped=scale < 1, finite=finite, groups=group_stats
+    )
     return jax.tree.map(rescale, grad), stats
 
 
 def grad_clip(
-    grad: PyTree, max_norm: ArrayLike, *, axis_name: AxisName = None
+    grad: PyTree, max_norm: ArrayLike, *, by: By = None, axis_name: AxisName = None
 ) -> tuple[PyTree, GradStats]:
     """Scale a gradient so that its L2 norm is at most `max_norm`, and say what was done.
 
@@ -118,35 +164,39 @@ def grad_clip(
     otherwise `grad` comes back unchanged, bit for bit. Structure, shapes and dtypes are
     kept: the norm is accumulated and the scaling done in float32 (float64 under x64),
     then cast back to each leaf's dtype. For float32 gradients the values are those of
-    `optax.clip_by_global_norm(max_norm)` under `jax.jit`, bit for bit, whenever the
-    norm differs from `max_norm` (at equality optax multiplies by `max_norm / norm`,
-    here nothing is done). Called eagerly it is one compiled dispatch.
+    `optax.clip_by_global_norm(max_norm)`, computed in the same order (`x / norm *
+    max_norm`) from a norm that can differ from optax's in the last bit (the partial
+    sums are added in another order), so the two agree to float32 rounding.
 
-    Edge cases, where optax gives NaN:
+    Non-finite gradients: when an entry is NaN or inf, nothing is scaled and the
+    gradient comes back as it was, NaN and inf included, with `stats.finite == False`,
+    so that `optax.apply_if_finite` (or `grad_where_finite`) skips the whole step.
+    A finite gradient always has a finite norm, even when its squares overflow float32.
 
-    - a zero gradient with `max_norm=0` comes back as zeros (`scale` 1, not clipped);
-    - a norm that is NaN or inf (a NaN or inf entry, or squares overflowing float32,
-      entries beyond about 1e19) gives zeros of every leaf's shape and dtype, with
-      `finite=False`, `clipped=True` and `scale=0`: a skipped step rather than NaN
-      spreading into the parameters. Check `stats.finite` to count such steps.
+    With `by` (as in `grad_stats`: `"leaf"`, `"group"` or a callable) `stats.groups`
+    holds the `GroupStats` of the gradient before clipping: per-group norm, RMS, max-abs
+    and non-finite counts, computed from the same partial sums as the clip in one pass.
+    This is the recommended train-step recipe (docs/toolkit.md).
 
-    An empty gradient has norm 0 and is returned as it is. The derivative through the
-    clip is finite everywhere, zero gradient included.
+    Edge cases where optax gives NaN: a zero gradient with `max_norm=0` comes back as
+    zeros (`scale` 1, not clipped). An empty gradient has norm 0 and is returned as it
+    is. The derivative through the clip is finite everywhere, zero gradient included.
 
     Args:
         grad: a `Gradient` or any pytree of floating-point arrays.
         max_norm: the bound, a non-negative real scalar (`inf` never clips). A traced
             value (a schedule inside `jax.jit`) is accepted and not checked.
-        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
-            names) along which the local leaves are shards of one larger gradient; the
-            norm is the global one (one `psum`). `None` (the default) means no collective.
+        by: `None` (no per-group statistics), `"leaf"`, `"group"` or a callable
+            `(path, leaf) -> str | None`, as in `grad_stats`.
+        axis_name: the mesh axis name (or tuple of names) along which the leaves are
+            shards of one larger gradient; see docs/many_devices.md.
 
     Returns:
         `(clipped, stats)`: a pytree with the structure, shapes and dtypes of `grad`, and
-        a `GradStats` of 0-d arrays.
+        a `GradStats`.
 
     Raises:
-        ValueError: if `max_norm` is negative, NaN or not a scalar.
+        ValueError: if `max_norm` is negative, NaN or not a scalar, or `by` is invalid.
         TypeError: if `max_norm` is not a real number, or a leaf of `grad` is not
             floating-point or complex.
 
@@ -156,40 +206,52 @@ def grad_clip(
         {'w': Array([0.6, 0.8], dtype=float32)}
         >>> float(stats.norm), bool(stats.clipped)
         (5.0, True)
-        >>> jaxgrad.grad_clip({"w": jnp.zeros(2)}, 0.0)[0]
-        {'w': Array([0., 0.], dtype=float32)}
+        >>> g = {"w": jnp.array([3.0, jnp.nan])}
+        >>> jaxgrad.grad_clip(g, 1.0)[0]                     # passed on, so the step is skipped
+        {'w': Array([ 3., nan], dtype=float32)}
+        >>> _, stats = jaxgrad.grad_clip(g, 1.0, by="leaf")  # one pass: clip and statistics
+        >>> bool(stats.finite), stats.groups.as_dict()["nonfinite/w"]
+        (False, 1)
     """
     bound = check_bound("max_norm", max_norm)
-    _check_inexact("grad", grad)
-    return _clip(grad, bound, measure="norm", axis_name=axis_name)
+    return _checked_clip(grad, bound, "norm", by, axis_name)
+
+
+def _checked_clip(
+    grad: PyTree, bound: Any, measure: str, by: By, axis_name: AxisName
+) -> tuple[PyTree, GradStats]:
+    check_array_leaves("grad", grad, inexact=True)
+    check_axis_name(axis_name, optional=True)
+    groups = None if by is None else resolve_groups(grad, by)
+    return _clip(grad, bound, measure=measure, groups=groups, axis_name=axis_name)
 
 
 def grad_clip_by_magnitude(
-    grad: PyTree, max_rms: ArrayLike, *, axis_name: AxisName = None
+    grad: PyTree, max_rms: ArrayLike, *, by: By = None, axis_name: AxisName = None
 ) -> tuple[PyTree, GradStats]:
     """Scale a gradient so that its RMS (`grad_magnitude`) is at most `max_rms`.
 
     The same as `grad_clip` with the root-mean-square of all entries in place of the
     norm: when `grad_magnitude(grad) > max_rms` every entry is multiplied by
     `max_rms / rms`, otherwise `grad` comes back unchanged. A bound on the RMS does not
-    depend on the number of parameters, so one value suits models of any size.
-    Dtypes, the zero and non-finite cases (zeros with `finite=False`) and `axis_name`
+    depend on the number of parameters, so one value suits models of any size. Dtypes,
+    non-finite gradients (passed on unchanged, `finite=False`), `by` and `axis_name`
     are handled as in `grad_clip`; `stats` holds both the pre-clip norm and RMS.
 
     Args:
         grad: a `Gradient` or any pytree of floating-point arrays.
         max_rms: the bound, a non-negative real scalar (`inf` never clips); a traced
             value is accepted and not checked.
-        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
-            names) along which the local leaves are shards of one larger gradient; the
-            RMS is the global one (one `psum`). `None` (the default) means no collective.
+        by: per-group statistics, as in `grad_clip`.
+        axis_name: the mesh axis name (or tuple of names) along which the leaves are
+            shards of one larger gradient; see docs/many_devices.md.
 
     Returns:
         `(clipped, stats)`: a pytree with the structure, shapes and dtypes of `grad`, and
-        a `GradStats` of 0-d arrays.
+        a `GradStats`.
 
     Raises:
-        ValueError: if `max_rms` is negative, NaN or not a scalar.
+        ValueError: if `max_rms` is negative, NaN or not a scalar, or `by` is invalid.
         TypeError: if `max_rms` is not a real number, or a leaf of `grad` is not
             floating-point or complex.
 
@@ -200,5 +262,4 @@ def grad_clip_by_magnitude(
         (Array([ 1.5, -1.5,  1.5, -1.5], dtype=float32), 3.0, 0.5)
     """
     bound = check_bound("max_rms", max_rms)
-    _check_inexact("grad", grad)
-    return _clip(grad, bound, measure="rms", axis_name=axis_name)
+    return _checked_clip(grad, bound, "rms", by, axis_name)

@@ -3,40 +3,60 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._dispatch import compiled
-from ._reduce import AxisName, _psum
-from ._structure import check_same_shapes, check_same_structure
+from ._collectives import check_axis_name
+from ._numerics import (
+    AxisName,
+    accumulation_dtype,
+    count_dtype,
+    global_norm,
+    layout,
+    magnitudes,
+    per_leaf,
+    psum,
+    rows,
+    tree_leaves,
+)
+from ._stats import leaf_names
+from ._structure import (
+    check_array_leaves,
+    check_same_shapes,
+    check_same_structure,
+    describe_leaf,
+    where,
+)
 from ._typing import Array, ArrayLike, PyTree
 
 
-def _nonfinite_counts(grad: PyTree) -> list[Array]:
-    return [jnp.sum(~jnp.isfinite(jnp.asarray(x)), dtype=jnp.int32) for x in jax.tree.leaves(grad)]
+@functools.partial(jax.jit, static_argnames=("axis_name",))
+def _all_finite(grad: PyTree, *, axis_name: AxisName) -> Array:
+    return jnp.isfinite(global_norm(tree_leaves(grad), axis_name=axis_name))
 
 
-@compiled(static_argnames=("axis_name",))
 def grad_all_finite(grad: PyTree, *, axis_name: AxisName = None) -> Array:
     """Whether every entry of a gradient is finite (no NaN, no inf), as a bool array.
 
     Works inside `jax.jit` (no host round trip, unlike a Python `if` on the values):
     combine it with `jax.lax.cond` or `grad_where_finite` to skip a bad step. An empty
-    gradient and integer leaves count as finite. Called eagerly it is one compiled
-    dispatch.
+    gradient and integer leaves count as finite, and so do huge finite entries whose
+    squares overflow. It reads the gradient once (its sum of squares).
 
     Args:
         grad: a `Gradient` or any pytree of arrays.
-        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
-            names) along which the local leaves are shards of one larger gradient; the
-            answer is the global one (one `psum`). `None` (the default) means no
-            collective.
+        axis_name: the mesh axis name (or tuple of names) along which the leaves are
+            shards of one larger gradient; see docs/many_devices.md.
 
     Returns:
         A 0-d bool array.
+
+    Raises:
+        TypeError: if a leaf is not a numeric array (the message names its key path).
 
     Example:
         >>> jaxgrad.grad_all_finite({"w": jnp.array([1.0, 2.0]), "b": jnp.array(jnp.nan)})
@@ -44,8 +64,9 @@ def grad_all_finite(grad: PyTree, *, axis_name: AxisName = None) -> Array:
         >>> jaxgrad.grad_all_finite({})
         Array(True, dtype=bool)
     """
-    bad = sum(_nonfinite_counts(grad), jnp.zeros((), jnp.int32))
-    return _psum(bad, axis_name) == 0
+    check_array_leaves("grad", grad)
+    check_axis_name(axis_name, optional=True)
+    return _all_finite(grad, axis_name=axis_name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,22 +74,24 @@ class NonfiniteReport:
     """Non-finite entries of a gradient, counted per leaf; returned by `grad_nonfinite_report`.
 
     A pytree (its one array is `counts`; `paths` is static), so it can be returned
-    from `jax.jit` or carried through `jax.lax.scan`. `total` works anywhere; the
-    methods `first_path`, `as_dict` and `summary` read the counts on the host, so call
-    them on the report that `jax.jit` returned, not inside the traced function.
+    from `jax.jit` or stacked by `jax.lax.scan` (one report per step: `counts` then has
+    a leading step axis, which every method below understands). `total` works anywhere;
+    `first_path`, `as_dict` and `summary` read the counts on the host, so call them on
+    the report that `jax.jit` returned, not inside the traced function.
 
     Attributes:
-        counts: int32 array of shape `(number of leaves,)`: NaN and inf entries of each
-            leaf, in `jax.tree.leaves` order.
-        paths: the key path of each leaf (`jax.tree_util.keystr`; `""` for a gradient
+        counts: array of shape `(..., number of leaves)`: NaN and inf entries of each
+            leaf, in `jax.tree.leaves` order (int32; int64 under x64 or float32 for a
+            leaf beyond 2**31 entries).
+        paths: the logger-ready name of each leaf (`enc/0/w`; `(root)` for a gradient
             that is a single array).
 
     Example:
         >>> report = jaxgrad.grad_nonfinite_report({"a": jnp.ones(2), "b": jnp.array([jnp.inf, jnp.nan])})
         >>> report.counts, report.paths
-        (Array([0, 2], dtype=int32), ("['a']", "['b']"))
+        (Array([0, 2], dtype=int32), ('a', 'b'))
         >>> report.first_path()
-        "['b']"
+        'b'
     """  # noqa: E501
 
     counts: Array
@@ -76,74 +99,104 @@ class NonfiniteReport:
 
     @property
     def total(self) -> Array:
-        """The number of non-finite entries in the whole gradient (a 0-d int32 array).
+        """The number of non-finite entries in the whole gradient (per step, if stacked).
 
         Example:
             >>> jaxgrad.grad_nonfinite_report([jnp.array([jnp.nan, jnp.inf])]).total
             Array(2, dtype=int32)
         """
-        return jnp.sum(self.counts, dtype=jnp.int32)
+        return jnp.sum(self.counts, axis=-1, dtype=self.counts.dtype)
 
     def _host_counts(self, method: str) -> np.ndarray:
+        """The counts as a `(steps, leaves)` numpy array (one step for a single report)."""
         try:
-            return np.asarray(self.counts)
+            counts = np.asarray(self.counts)
         except jax.errors.TracerArrayConversionError:
             raise TypeError(
                 f"`NonfiniteReport.{method}` reads the counts on the host; call it on the "
                 "report returned from `jax.jit`, not inside the traced function "
                 "(use `report.total` or `report.counts` there)."
             ) from None
+        steps = int(np.prod(counts.shape[:-1], dtype=np.int64)) if counts.ndim > 1 else 1
+        return counts.reshape(steps, len(self.paths))
+
+    @property
+    def _stacked(self) -> bool:
+        return np.ndim(self.counts) > 1
 
     def first_path(self) -> str | None:
-        """The key path of the first leaf (in leaf order) with a non-finite entry, or `None`.
+        """The name of the first leaf with a non-finite entry, or `None` if there is none.
+
+        For stacked reports, the first such leaf of the earliest step that has one.
 
         Example:
             >>> jaxgrad.grad_nonfinite_report({"w": [jnp.ones(1), jnp.array([jnp.nan])]}).first_path()
-            "['w'][1]"
+            'w/1'
+            >>> print(jaxgrad.grad_nonfinite_report({"w": jnp.ones(1)}).first_path())
+            None
         """  # noqa: E501
         bad = np.flatnonzero(self._host_counts("first_path"))
-        return self.paths[int(bad[0])] if bad.size else None
+        return self.paths[int(bad[0]) % len(self.paths)] if bad.size else None
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, int | np.ndarray]:
         """`{path: count}` for the leaves with non-finite entries, in leaf order.
+
+        For stacked reports each value is the array of counts per step.
 
         Example:
             >>> jaxgrad.grad_nonfinite_report({"a": jnp.array([jnp.nan]), "b": jnp.ones(1)}).as_dict()
-            {"['a']": 1}
+            {'a': 1}
         """  # noqa: E501
         counts = self._host_counts("as_dict")
-        return {p: int(c) for p, c in zip(self.paths, counts, strict=True) if c}
+        return {
+            path: (counts[:, i] if self._stacked else int(counts[0, i]))
+            for i, path in enumerate(self.paths)
+            if counts[:, i].any()
+        }
 
     def summary(self) -> str:
         """One line for a log: how many non-finite entries, and where the first one is.
 
         Example:
             >>> jaxgrad.grad_nonfinite_report({"a": jnp.array([jnp.nan, 1.0])}).summary()
-            "1 non-finite entry in 1 of 1 leaf; first at ['a']"
+            '1 non-finite entry in 1 of 1 leaf; first at a'
             >>> jaxgrad.grad_nonfinite_report({"a": jnp.ones(2), "b": jnp.ones(1)}).summary()
             'no non-finite entries in 2 leaves'
         """
         counts = self._host_counts("summary")
         total = int(counts.sum())
-        leaves = f"{len(self.paths)} leaf" if len(self.paths) == 1 else f"{len(self.paths)} leaves"
+        n = len(self.paths)
+        leaves = f"{n} leaf" if n == 1 else f"{n} leaves"
+        steps = f" over {counts.shape[0]} steps" if self._stacked else ""
         if total == 0:
-            return f"no non-finite entries in {leaves}"
-        first = self.paths[int(np.flatnonzero(counts)[0])] or "the root"
+            return f"no non-finite entries in {leaves}{steps}"
+        first = self.first_path()
         entries = "entry" if total == 1 else "entries"
-        return (
-            f"{total} non-finite {entries} in {int(np.count_nonzero(counts))} of {leaves}; "
-            f"first at {first}"
-        )
+        bad_leaves = int(np.count_nonzero(counts.any(axis=0)))
+        where_first = f"first at {first}"
+        if self._stacked:
+            step = int(np.flatnonzero(counts.any(axis=1))[0])
+            where_first += f" (step {step})"
+        return f"{total} non-finite {entries} in {bad_leaves} of {leaves}{steps}; {where_first}"
 
 
 jax.tree_util.register_dataclass(NonfiniteReport, data_fields=["counts"], meta_fields=["paths"])
 
 
-@compiled(static_argnames=("axis_name",))
+@functools.partial(jax.jit, static_argnames=("axis_name",))
 def _counts(grad: PyTree, *, axis_name: AxisName) -> Array:
-    counts = _nonfinite_counts(grad)
-    stacked = jnp.stack(counts) if counts else jnp.zeros((0,), jnp.int32)
-    return _psum(stacked, axis_name)
+    leaves = tree_leaves(grad)
+    dtype = count_dtype(max((x.size for x in leaves), default=0))
+    if not leaves:
+        return jnp.zeros((0,), dtype)
+    acc = accumulation_dtype(x.dtype for x in leaves)
+    plan = layout([x.size for x in leaves])
+    matrices = rows(magnitudes(leaves, acc), plan)
+
+    def count(m: Array, axis: int) -> Array:
+        return jnp.sum(m, axis=axis, dtype=dtype)
+
+    return psum(per_leaf(matrices, plan, lambda m: ~jnp.isfinite(m), count), axis_name)
 
 
 def grad_nonfinite_report(grad: PyTree, *, axis_name: AxisName = None) -> NonfiniteReport:
@@ -170,26 +223,38 @@ def grad_nonfinite_report(grad: PyTree, *, axis_name: AxisName = None) -> Nonfin
         >>> report.counts
         Array([0, 1], dtype=int32)
         >>> report.first_path()
-        '.weights[0]'
+        'weights/0'
     """
-    paths = tuple(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(grad)[0])
-    return NonfiniteReport(counts=_counts(grad, axis_name=axis_name), paths=paths)
+    check_array_leaves("grad", grad)
+    check_axis_name(axis_name, optional=True)
+    return NonfiniteReport(counts=_counts(grad, axis_name=axis_name), paths=leaf_names(grad))
 
 
 def _fallback_leaves(grad: PyTree, fallback: Any) -> list[Any]:
+    """The fallback value of every leaf, refusing values the leaf's dtype cannot hold."""
+    pairs = jax.tree_util.tree_flatten_with_path(grad)[0]
     if isinstance(fallback, (int, float, complex)) or (
         isinstance(fallback, (jax.Array, np.ndarray, np.generic)) and np.ndim(fallback) == 0
     ):
-        return [fallback] * len(jax.tree.leaves(grad))
-    check_same_structure("grad", grad, "fallback", fallback)
-    check_same_shapes("grad", grad, "fallback", fallback)
-    return jax.tree.leaves(fallback)
+        values = [fallback] * len(pairs)
+    else:
+        check_same_structure("grad", grad, "fallback", fallback)
+        check_same_shapes("grad", grad, "fallback", fallback)
+        values = jax.tree.leaves(fallback)
+    for (path, leaf), value in zip(pairs, values, strict=True):
+        if np.iscomplexobj(value) and not jnp.iscomplexobj(leaf):
+            raise TypeError(
+                "`fallback` must be real where `grad` is real; at "
+                f"{where(path)} `grad` has {describe_leaf(jnp.asarray(leaf))} and "
+                f"`fallback` is complex: {value!r:.60}."
+            )
+    return values
 
 
-@compiled(static_argnames=("axis_name",))
+@functools.partial(jax.jit, static_argnames=("axis_name",))
 def _where_finite(grad: PyTree, fallback_leaves: list[Any], *, axis_name: AxisName) -> PyTree:
-    ok = grad_all_finite(grad, axis_name=axis_name)
     leaves, treedef = jax.tree.flatten(grad)
+    ok = jnp.isfinite(global_norm(tree_leaves(grad), axis_name=axis_name))
 
     def pick(x: Any, y: Any) -> Array:
         x = jnp.asarray(x)
@@ -234,4 +299,6 @@ def grad_where_finite(
         >>> jaxgrad.grad_where_finite({"w": jnp.array([1.0, 2.0])}, 0.0)
         {'w': Array([1., 2.], dtype=float32)}
     """
+    check_array_leaves("grad", grad)
+    check_axis_name(axis_name, optional=True)
     return _where_finite(grad, _fallback_leaves(grad, fallback), axis_name=axis_name)

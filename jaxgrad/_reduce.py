@@ -1,58 +1,32 @@
 """Reductions of a gradient to a scalar: accumulate, fold, norm, RMS; and normalization."""
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from ._collectives import check_axis_name
-from ._dispatch import call_jitted, compiled, has_tracer
 from ._donate import check_donatable
+from ._numerics import (
+    AxisName,
+    accumulation_dtype,
+    global_norm,
+    layout,
+    magnitudes,
+    per_leaf,
+    psum,
+    rms,
+    rows,
+    tree_leaves,
+    widen,
+)
 from ._structure import check_array_leaves, check_callable, describe_leaf, where
 from ._typing import Array, ArrayLike, PyTree
-
-AxisName = str | tuple[str, ...] | None
-
-
-def accumulation_dtype(dtypes: Any) -> np.dtype:
-    """float64 if any dtype is 64-bit (float or complex), else float32.
-
-    Low-precision floats (float16, bfloat16) and integers accumulate in float32, so sums
-    of squares do not overflow; float64 stays float64 (it only exists under x64).
-    """
-    wide = any(np.dtype(d) in (np.dtype(np.float64), np.dtype(np.complex128)) for d in dtypes)
-    return np.dtype(np.float64 if wide else np.float32)
-
-
-def _leaves(grad: PyTree) -> list[Array]:
-    check_array_leaves("grad", grad)
-    return [jnp.asarray(x) for x in jax.tree.leaves(grad)]
-
-
-def _safe_sqrt(x: Array) -> Array:
-    """`sqrt(x)` whose derivative at 0 is 0 rather than inf (so `jax.grad` stays finite)."""
-    zero = x == 0  # NaN and inf are not zero, so they propagate
-    return jnp.where(zero, 0, jnp.sqrt(jnp.where(zero, 1, x)))
-
-
-def _sum_of_squares(leaves: list[Array], dtype: np.dtype) -> Array:
-    total = jnp.zeros((), dtype)
-    for x in leaves:
-        if jnp.iscomplexobj(x):
-            re, im = jnp.real(x).astype(dtype), jnp.imag(x).astype(dtype)
-            total = total + jnp.sum(re * re + im * im)
-        else:
-            x = x.astype(dtype)
-            total = total + jnp.sum(x * x)
-    return total
-
-
-def _psum(value: Array, axis_name: AxisName) -> Array:
-    check_axis_name(axis_name, optional=True)
-    return value if axis_name is None else jax.lax.psum(value, axis_name)
 
 
 def grad_accumulate(
@@ -99,27 +73,29 @@ def grad_accumulate(
                 f"`func` must return a scalar for every leaf of `grad`; at "
                 f"{where(path)} it returned {describe_leaf(jnp.asarray(value))}."
             )
+    check_axis_name(axis_name, optional=True)
     return _sum_scalars(values, dtype=_sum_dtype(values), axis_name=axis_name)
 
 
 def _sum_dtype(values: list[Any]) -> np.dtype:
-    """The widest dtype among `values`, with float16 and bfloat16 widened to float32."""
+    """The widest dtype among `values`: float16 and bfloat16 widen to float32, bool to int32."""
     if not values:
         return np.dtype(np.float32)
     with jax.numpy_dtype_promotion("standard"):
         dtype = np.dtype(jnp.result_type(*values))
+    if dtype == np.dtype(bool):
+        return np.dtype(np.int32)
     if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
         return np.dtype(np.float32)
     return dtype
 
 
-@compiled(static_argnames=("dtype", "axis_name"))
+@functools.partial(jax.jit, static_argnames=("dtype", "axis_name"))
 def _sum_scalars(values: list[Any], *, dtype: np.dtype, axis_name: AxisName) -> Array:
     """One compiled dispatch to cast and add the per-leaf results (not a user callable)."""
-    total = jnp.zeros((), dtype)
-    for value in values:
-        total = total + jnp.asarray(value).astype(dtype)
-    return _psum(total, axis_name)
+    if not values:
+        return psum(jnp.zeros((), dtype), axis_name)
+    return psum(jnp.sum(jnp.stack([jnp.asarray(v).astype(dtype) for v in values])), axis_name)
 
 
 def grad_fold(func: Callable[[Any, Any], Any], grad: PyTree, initial: Any = 0.0) -> Any:
@@ -149,114 +125,134 @@ def grad_fold(func: Callable[[Any, Any], Any], grad: PyTree, initial: Any = 0.0)
     return functools.reduce(func, jax.tree.leaves(grad), initial)
 
 
-@compiled(static_argnames=("axis_name",))
-def grad_norm(grad: PyTree, *, axis_name: AxisName = None) -> Array:
-    """L2 norm of all entries of a gradient, as if flattened into one vector.
+Ord = int | float | str | None
 
-    Squares are summed in float32 whatever the leaf dtypes (float64 if any leaf is
-    float64 or complex128, under x64), so float16 and bfloat16 gradients do not
-    overflow: 1000 float16 entries of 300 give 9486.8, not inf. Complex entries
-    contribute `abs(x)**2`. An empty gradient has norm 0, and the derivative of the
-    norm at a zero gradient is 0 (finite), so `jax.grad` of it never gives NaN. NaN
-    and inf entries propagate. Called eagerly it is one compiled dispatch, cached per
-    tree structure, shapes and dtypes.
+
+def _check_ord(ord: Any) -> str:
+    if ord is None or (not isinstance(ord, bool) and ord in (2, 2.0)):
+        return "2"
+    if not isinstance(ord, bool) and ord in (1, 1.0):
+        return "1"
+    if ord in (math.inf, "inf", "infinity"):
+        return "inf"
+    raise ValueError(f"`ord` must be 1, 2, inf or None (meaning 2); got {ord!r}.")
+
+
+@functools.partial(jax.jit, static_argnames=("ord", "squared", "axis_name"))
+def _norm(grad: PyTree, *, ord: str, squared: bool, axis_name: AxisName) -> Array:
+    leaves = tree_leaves(grad)
+    if ord == "2":
+        norm = global_norm(leaves, axis_name=axis_name)
+    else:
+        acc = accumulation_dtype(x.dtype for x in leaves)
+        plan = layout([x.size for x in leaves])
+        matrices = rows(magnitudes(leaves, acc), plan)
+        if ord == "1":
+            norm = psum(jnp.sum(per_leaf(matrices, plan, jnp.abs, jnp.sum)), axis_name)
+        else:
+            norm = jnp.max(per_leaf(matrices, plan, jnp.abs, jnp.max), initial=0)
+            if axis_name is not None:
+                norm = jax.lax.pmax(norm, axis_name)
+    return norm * norm if squared else norm
+
+
+def grad_norm(
+    grad: PyTree, *, ord: Ord = 2, squared: bool = False, axis_name: AxisName = None
+) -> Array:
+    """The norm of all entries of a gradient, as if flattened into one vector.
+
+    The L2 norm by default; `ord=1` gives the sum of absolute values and `ord=inf` the
+    largest absolute value, and `squared=True` returns the square of the norm, as
+    `optax.tree_utils.tree_norm` does. Sums accumulate in float32 whatever the leaf
+    dtypes (float64 if any leaf is float64 or complex128, under x64), so float16 and
+    bfloat16 gradients do not overflow: 1000 float16 entries of 300 give 9486.8, not
+    inf. The L2 norm of any finite gradient is finite and correct, even when the squares
+    overflow float32 (entries beyond about 1e19 are rescaled, in a branch that ordinary
+    gradients never run). Complex entries contribute `abs(x)`. An empty gradient has
+    norm 0, and the derivative of the L2 norm at a zero gradient is 0 (finite), so
+    `jax.grad` of it never gives NaN. NaN and inf entries propagate. Called eagerly it
+    is one compiled dispatch; see docs/performance.md for the cost model.
 
     Args:
-        grad: a `Gradient` or any pytree of arrays.
-        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
-            names) along which the local leaves are shards of one larger gradient;
-            partial sums are combined with a single `psum`, so every shard gets the
-            global value. `None` (the default) means no collective.
+        grad: a `Gradient` or any pytree of numeric arrays.
+        ord: 2 (or None), 1, or `inf` (also `"inf"`).
+        squared: return the square of the norm.
+        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of names)
+            along which the local leaves are shards of one larger gradient; see
+            docs/many_devices.md. `None` (the default) means no collective.
 
     Returns:
         A float32 (or float64) scalar array.
 
+    Raises:
+        TypeError: if a leaf is not a numeric array (the message names its key path).
+        ValueError: if `ord` is not 1, 2, inf or None.
+
     Example:
-        >>> jaxgrad.grad_norm({"w": jnp.array([3.0, 0.0]), "b": jnp.array(4.0)})
+        >>> g = {"w": jnp.array([3.0, 0.0]), "b": jnp.array(-4.0)}
+        >>> jaxgrad.grad_norm(g)
         Array(5., dtype=float32)
+        >>> jaxgrad.grad_norm(g, ord=1), jaxgrad.grad_norm(g, ord=jnp.inf, squared=True)
+        (Array(7., dtype=float32), Array(16., dtype=float32))
+        >>> jaxgrad.grad_norm({"w": jnp.full(4, 1e20, jnp.bfloat16)})  # squares overflow
+        Array(2.0000e+20, dtype=float32)
     """
-    leaves = _leaves(grad)
-    dtype = accumulation_dtype(x.dtype for x in leaves)
-    return _safe_sqrt(_psum(_sum_of_squares(leaves, dtype), axis_name))
+    check_array_leaves("grad", grad)
+    check_axis_name(axis_name, optional=True)
+    return _norm(grad, ord=_check_ord(ord), squared=bool(squared), axis_name=axis_name)
 
 
-@compiled(static_argnames=("axis_name",))
+@functools.partial(jax.jit, static_argnames=("axis_name",))
+def _magnitude(grad: PyTree, *, axis_name: AxisName) -> Array:
+    leaves = tree_leaves(grad)
+    norm = global_norm(leaves, axis_name=axis_name)
+    return rms(norm, sum(x.size for x in leaves), axis_name)
+
+
 def grad_magnitude(grad: PyTree, *, axis_name: AxisName = None) -> Array:
     """Root-mean-square of all entries of a gradient: `sqrt(sum(x**2) / N)`.
 
     `N` is the total number of entries over all leaves (over all shards, with
-    `axis_name`). paysage computed the mean square per tensor and divided the sum of
-    those by the number of groups, which weighs small tensors as much as large ones and
-    is not an RMS; this is the true RMS of the flattened gradient. Accumulates like
-    `grad_norm`. A zero or empty gradient gives 0, with a finite (zero) derivative.
-    `grad_rms` is the same function.
+    `axis_name`), counted exactly at any size. paysage computed the mean square of each
+    tensor, summed those and divided by the number of tensors, which weighs a small
+    tensor as much as a large one and is not an RMS; this is the true RMS of the
+    flattened gradient. Accumulates like `grad_norm` (finite and correct for every
+    finite input). A zero or empty gradient gives 0, with a finite (zero) derivative.
+    `grad_rms` is the same function (paysage's later name).
 
     Args:
-        grad: a `Gradient` or any pytree of arrays.
-        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
-            names) along which the local leaves are shards of one larger gradient;
-            partial sums are combined with a single `psum`, so every shard gets the
-            global value. `None` (the default) means no collective.
+        grad: a `Gradient` or any pytree of numeric arrays.
+        axis_name: the mesh axis name (or tuple of names) along which the leaves are
+            shards of one larger gradient; see docs/many_devices.md.
 
     Returns:
         A float32 (or float64) scalar array.
+
+    Raises:
+        TypeError: if a leaf is not a numeric array (the message names its key path).
 
     Example:
         >>> jaxgrad.grad_magnitude(jaxgrad.Gradient([jnp.array([3.0, 4.0])], [jnp.zeros(2)]))
         Array(2.5, dtype=float32)
+        >>> jaxgrad.grad_rms is jaxgrad.grad_magnitude
+        True
     """
-    leaves = _leaves(grad)
-    dtype = accumulation_dtype(x.dtype for x in leaves)
-    total = _sum_of_squares(leaves, dtype)
-    count = sum(x.size for x in leaves)
-    if axis_name is not None:  # one collective for both partials
-        total, count = _psum(jnp.stack([total, jnp.asarray(count, dtype)]), axis_name)
-    elif count == 0:
-        return jnp.zeros((), dtype)
-    return _safe_sqrt(total / jnp.where(count == 0, 1, count).astype(dtype))
+    check_array_leaves("grad", grad)
+    check_axis_name(axis_name, optional=True)
+    return _magnitude(grad, axis_name=axis_name)
 
 
-def grad_rms(grad: PyTree, *, axis_name: AxisName = None) -> Array:
-    """Root-mean-square of all entries of a gradient; the same function as `grad_magnitude`.
-
-    paysage's history has both names; they compute the same value.
-
-    Args:
-        grad: a `Gradient` or any pytree of arrays.
-        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
-            names) along which the local leaves are shards of one larger gradient;
-            partial sums are combined with a single `psum`, so every shard gets the
-            global value. `None` (the default) means no collective.
-
-    Returns:
-        A float32 (or float64) scalar array.
-
-    Example:
-        >>> jaxgrad.grad_rms({"w": jnp.array([1.0, -1.0, 1.0, -1.0])})
-        Array(1., dtype=float32)
-    """
-    return grad_magnitude(grad, axis_name=axis_name)
-
-
-def _check_inexact(name: str, grad: PyTree) -> None:
-    for path, leaf in jax.tree_util.tree_flatten_with_path(grad)[0]:
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            raise TypeError(
-                f"`{name}` must have floating-point or complex leaves; at "
-                f"{where(path)} it has {describe_leaf(jnp.asarray(leaf))}."
-            )
+grad_rms = grad_magnitude
 
 
 def _normalize(grad: PyTree, axis_name: AxisName) -> PyTree:
-    check_array_leaves("grad", grad)
-    _check_inexact("grad", grad)
-    norm = grad_norm(grad, axis_name=axis_name)
+    norm = global_norm(tree_leaves(grad), axis_name=axis_name)
     nonzero = norm != 0
     scale = jnp.where(nonzero, 1 / jnp.where(nonzero, norm, 1), 0)
 
     def rescale(x: Any) -> Array:
         x = jnp.asarray(x)
-        wide = x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
+        wide = widen(x)
         return (wide * scale.astype(wide.dtype)).astype(x.dtype)
 
     return jax.tree.map(rescale, grad)
@@ -271,15 +267,14 @@ def grad_normalize(grad: PyTree, *, axis_name: AxisName = None) -> PyTree:
 
     Each leaf keeps its dtype; the division is done in float32 (or wider) and the
     result cast back, so bfloat16 leaves lose no more than their own rounding. A zero
-    gradient comes back as zeros, not NaN; a gradient holding NaN stays NaN. Called
-    eagerly it is one compiled dispatch.
+    gradient comes back as zeros, not NaN; a gradient holding NaN stays NaN; a finite
+    gradient whose squares overflow float32 is normalized correctly. Called eagerly it
+    is one compiled dispatch.
 
     Args:
         grad: a `Gradient` or any pytree of floating-point arrays.
-        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
-            names) along which the local leaves are shards of one larger gradient;
-            partial sums are combined with a single `psum`, so every shard gets the
-            global value. `None` (the default) means no collective.
+        axis_name: the mesh axis name (or tuple of names) along which the leaves are
+            shards of one larger gradient; see docs/many_devices.md.
 
     Returns:
         A pytree with the structure, shapes and dtypes of `grad`.
@@ -291,9 +286,9 @@ def grad_normalize(grad: PyTree, *, axis_name: AxisName = None) -> PyTree:
         >>> jaxgrad.grad_normalize({"w": jnp.array([3.0, 4.0])})
         {'w': Array([0.6, 0.8], dtype=float32)}
     """
-    if has_tracer(grad):
-        return _normalize(grad, axis_name)
-    return call_jitted(_normalize_jit, _normalize, grad, axis_name=axis_name)
+    check_array_leaves("grad", grad, inexact=True)
+    check_axis_name(axis_name, optional=True)
+    return _normalize_jit(grad, axis_name=axis_name)
 
 
 def grad_normalize_(grad: PyTree, *, axis_name: AxisName = None, donate: bool = False) -> PyTree:
@@ -308,10 +303,8 @@ def grad_normalize_(grad: PyTree, *, axis_name: AxisName = None, donate: bool = 
 
     Args:
         grad: a `Gradient` or any pytree of floating-point arrays.
-        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
-            names) along which the local leaves are shards of one larger gradient;
-            partial sums are combined with a single `psum`, so every shard gets the
-            global value. `None` (the default) means no collective.
+        axis_name: the mesh axis name (or tuple of names) along which the leaves are
+            shards of one larger gradient; see docs/many_devices.md.
         donate: reuse (and delete) the buffers of `grad`.
 
     Returns:
@@ -328,9 +321,13 @@ def grad_normalize_(grad: PyTree, *, axis_name: AxisName = None, donate: bool = 
         >>> g.layers[0].is_deleted()
         True
     """
-    if has_tracer(grad):
-        return _normalize(grad, axis_name)
-    if donate:
+    check_array_leaves("grad", grad, inexact=True)
+    check_axis_name(axis_name, optional=True)
+    if donate and not _traced(grad):
         check_donatable("grad", grad)
-        return call_jitted(_normalize_donated, _normalize, grad, axis_name=axis_name)
-    return call_jitted(_normalize_jit, _normalize, grad, axis_name=axis_name)
+        return _normalize_donated(grad, axis_name=axis_name)
+    return _normalize_jit(grad, axis_name=axis_name)
+
+
+def _traced(tree: PyTree) -> bool:
+    return any(isinstance(x, Tracer) for x in jax.tree.leaves(tree))

@@ -1,5 +1,9 @@
 """Gradient statistics for logging: norm, RMS, max-abs and non-finite count, by group."""
 
+from __future__ import annotations
+
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -7,38 +11,93 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._dispatch import compiled
+from ._collectives import check_axis_name
 from ._gradient import Gradient
-from ._reduce import AxisName, _psum, _safe_sqrt, accumulation_dtype
-from ._structure import describe_leaf, where
+from ._numerics import (
+    AxisName,
+    Layout,
+    Segments,
+    accumulation_dtype,
+    layout,
+    magnitudes,
+    norms,
+    per_leaf,
+    rms,
+    rows,
+)
+from ._structure import check_array_leaves, describe_leaf, where
 from ._typing import Array, PyTree
 
-STATS = ("norm", "rms", "max_abs", "nonfinite")
 By = str | Callable[[tuple[Any, ...], Any], str | None] | None
 Groups = tuple[tuple[str, tuple[int, ...]], ...]
 """Static grouping: `(name, indices of the leaves in the group)` for each group."""
 
+ROOT = "(root)"
+"""The name of the leaf of a gradient that is a single array."""
 
-def _name(path: tuple[Any, ...]) -> str:
-    return jax.tree_util.keystr(path).lstrip(".")
+_DROPPED_ATTRS = ("value", "raw_value")  # Flax `Variable` wrappers, not part of the name
 
 
-def _groups(grad: PyTree, by: By) -> Groups:
+def path_name(path: tuple[Any, ...]) -> str:
+    """A key path as a logger-ready name: entries joined by `/`, no brackets or quotes.
+
+    `(DictKey('enc'), SequenceKey(0), DictKey('w'))` gives `enc/0/w`; Flax's trailing
+    `.value` is dropped; the empty path (a gradient that is one array) is `(root)`.
+    These are the group names of `grad_stats` and the paths of `NonfiniteReport`.
+
+    Args:
+        path: a key path, as from `jax.tree_util.tree_flatten_with_path`.
+
+    Returns:
+        The name, a `str`.
+
+    Example:
+        >>> g = jaxgrad.Gradient([{"bias": jnp.zeros(2)}], [])
+        >>> [jaxgrad.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(g)[0]]
+        ['layers/0/bias']
+    """
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            parts.append(key.name)
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            parts.append(str(key.key))
+        else:
+            parts.append(str(key))
+    while len(parts) > 1 and isinstance(path[len(parts) - 1], jax.tree_util.GetAttrKey):
+        if parts[-1] not in _DROPPED_ATTRS:
+            break
+        parts.pop()
+    return "/".join(parts) or ROOT
+
+
+def leaf_names(tree: PyTree) -> tuple[str, ...]:
+    """`path_name` of every leaf of `tree`, in `jax.tree.leaves` order."""
+    return tuple(path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+
+
+def resolve_groups(grad: PyTree, by: By) -> Groups:
     """Leaf indices per group, in order of first appearance; runs a callable `by` as Python."""
-    pairs = jax.tree_util.tree_flatten_with_path(grad)[0]
     if by is None:
         return ()
+    pairs = jax.tree_util.tree_flatten_with_path(grad)[0]
     if isinstance(by, str):
         if by == "leaf":
-            return tuple((_name(path), (i,)) for i, (path, _) in enumerate(pairs) if path)
+            if len(pairs) == 1 and not pairs[0][0]:
+                return ()  # a single array: its one group would repeat the whole gradient
+            return tuple((path_name(path), (i,)) for i, (path, _) in enumerate(pairs))
         if by == "group":
             if not isinstance(grad, Gradient):
                 raise ValueError(
-                    "`by='group'` needs a `Gradient` (groups `layers[i]` and `weights[j]`); "
+                    "`by='group'` needs a `Gradient` (groups `layers/i` and `weights/j`); "
                     f"got a {type(grad).__name__}. For other trees pass a callable, e.g. "
-                    "`by=lambda path, leaf: jax.tree_util.keystr(path[:1])`."
+                    "`by=lambda path, leaf: jaxgrad.path_name(path[:1])`."
                 )
-            names = [_name(path[:2]) for path, _ in pairs]
+            names: list[str | None] = [path_name(path[:2]) for path, _ in pairs]
         else:
             raise ValueError(
                 f"`by` must be 'leaf', 'group', None or a callable `(path, leaf) -> str | None`; "
@@ -67,118 +126,199 @@ def _groups(grad: PyTree, by: By) -> Groups:
     return tuple((name, tuple(indices)) for name, indices in groups.items())
 
 
-def stat_keys(groups: Groups) -> list[str]:
-    """The dict keys of `grad_stats`, in order: global ones, then `stat/group` stat by stat."""
-    return [*STATS, *(f"{stat}/{name}" for stat in STATS for name, _ in groups)]
+def _segments(groups: Groups, leaves: int) -> Segments:
+    ids = np.full(leaves, len(groups), np.int32)
+    for g, (_, indices) in enumerate(groups):
+        ids[list(indices)] = g
+    return Segments(ids, len(groups))
 
 
-def _partials(x: Array, acc: Any) -> tuple[Array, Array, Array]:
-    """Sum of squares, max-abs and non-finite count of one leaf, in one variadic reduce."""
-    a = jnp.abs(x).astype(acc)  # |x| is real for complex x, so a*a is |x|**2
-    bad = (~jnp.isfinite(x)).astype(jnp.int32)
-    zero = jnp.zeros((), acc)
-    total, largest, count = jax.lax.reduce(
-        (a * a, a, bad),
-        (zero, zero, jnp.zeros((), jnp.int32)),
-        lambda p, q: (p[0] + q[0], jnp.maximum(p[1], q[1]), p[2] + q[2]),  # max keeps NaN
-        tuple(range(x.ndim)),
-    )
-    return total, largest, count
+@dataclasses.dataclass(frozen=True)
+class GroupStats:
+    """Statistics of a gradient: one array per statistic, one entry per group.
+
+    Entry 0 is the whole gradient (its name is `""`); entries 1 onwards are the groups
+    chosen by `by` (`names[1:]`, logger-ready: `hidden1/kernel`, `layers/0/bias`). A
+    pytree whose four arrays are the statistics (the names are static), so it can be
+    returned from `jax.jit`, carried or stacked by `jax.lax.scan` (a leading step axis
+    is then kept by `as_dict`) and reduced across devices.
+
+    Attributes:
+        norm: the L2 norm of each group (float32, or float64 under x64); NaN or inf when
+            an entry is.
+        rms: the root-mean-square of each group's entries.
+        max_abs: the largest absolute entry of each group; NaN when an entry is NaN.
+        nonfinite: the number of NaN and inf entries of each group (int32; int64 under
+            x64 or float32 beyond 2**31 entries, where int32 would overflow).
+        names: the static group names; `names[0] == ""` is the whole gradient.
+
+    Example:
+        >>> stats = jaxgrad.grad_stats({"w": jnp.array([3.0, -4.0]), "b": jnp.array([jnp.inf])})
+        >>> stats.names
+        ('', 'b', 'w')
+        >>> stats.norm
+        Array([inf,  5., inf], dtype=float32)
+        >>> stats.as_dict()["max_abs/w"], stats.as_dict()["nonfinite"]
+        (4.0, 1)
+    """
+
+    norm: Array
+    rms: Array
+    max_abs: Array
+    nonfinite: Array
+    names: tuple[str, ...]
+
+    STATISTICS = ("norm", "rms", "max_abs", "nonfinite")
+
+    def as_dict(self, prefix: str = "") -> dict[str, Any]:
+        """A flat `{key: value}` dict for a logger, read from the device in one transfer.
+
+        Keys are `<prefix><stat>` for the whole gradient and `<prefix><stat>/<group>`
+        for each group. Values are Python numbers, or numpy arrays when the statistics
+        have leading axes (stacked by `jax.lax.scan`: one value per step). Call it on
+        the stats a jitted function returned, not inside the traced function.
+
+        Args:
+            prefix: prepended to every key, e.g. `"grad/"`.
+
+        Returns:
+            A dict from `str` to numbers or numpy arrays.
+
+        Raises:
+            TypeError: if called on traced values (inside `jax.jit`).
+
+        Example:
+            >>> stats = jaxgrad.grad_stats({"w": jnp.array([3.0, 4.0])}, by=None)
+            >>> stats.as_dict(prefix="grad/")
+            {'grad/norm': 5.0, 'grad/rms': 3.535533905029297, 'grad/max_abs': 4.0, 'grad/nonfinite': 0}
+        """  # noqa: E501
+        try:
+            host = jax.device_get([getattr(self, s) for s in self.STATISTICS])
+        except jax.errors.TracerArrayConversionError:
+            raise TypeError(
+                "`GroupStats.as_dict` reads the statistics on the host; call it on the stats "
+                "returned from `jax.jit`, not inside the traced function."
+            ) from None
+        out: dict[str, Any] = {}
+        for stat, values in zip(self.STATISTICS, host, strict=True):
+            values = np.asarray(values)
+            for g, name in enumerate(self.names):
+                value = values[..., g]
+                key = f"{prefix}{stat}/{name}" if name else f"{prefix}{stat}"
+                out[key] = value.item() if value.ndim == 0 else value
+        return out
 
 
-@compiled(static_argnames=("groups", "axis_name"))
-def _stats(grad: PyTree, *, groups: Groups, axis_name: AxisName) -> tuple[Array, Array]:
-    """`(norm, rms and max_abs of (global, *groups), concatenated; nonfinite of the same)`."""
-    leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
+jax.tree_util.register_dataclass(
+    GroupStats, data_fields=["norm", "rms", "max_abs", "nonfinite"], meta_fields=["names"]
+)
+
+
+def measure(
+    leaves: list[Array],
+    groups: Groups | None,
+    axis_name: AxisName,
+) -> tuple[Array, GroupStats | None]:
+    """The global L2 norm and, for `groups`, the `GroupStats`: one read of the gradient.
+
+    The per-leaf partial sums of squares, shared by the norm, the group norms and the
+    RMS, are computed once on packed leaves; max-abs takes a second reduction (fused
+    into the same kernel on GPU); non-finite entries are counted only when the sum of
+    squares is not finite (see `_numerics`).
+    """
+    sizes = [x.size for x in leaves]
+    whole = Segments.whole(len(leaves))
+    if groups is None:
+        result = norms(leaves, [whole], axis_name=axis_name)
+        return result.norms[0][0], None
     acc = accumulation_dtype(x.dtype for x in leaves)
-    rows = len(groups) + 1
-    if leaves:
-        sq, mx, nf = (jnp.stack(v) for v in zip(*(_partials(x, acc) for x in leaves), strict=True))
-    else:
-        sq, mx, nf = jnp.zeros(1, acc), jnp.zeros(1, acc), jnp.zeros(1, jnp.int32)
-    member = np.zeros((rows, max(len(leaves), 1)), bool)  # static: which leaves in which row
-    member[0, : len(leaves)] = True
-    for row, (_, indices) in enumerate(groups, start=1):
-        member[row, list(indices)] = True
-    sizes = np.array([x.size for x in leaves] or [0])
-    mask = jnp.asarray(member)
-    # Masked sums, not a 0/1 matmul: 0 * inf would turn other groups' values into NaN.
-    sq = jnp.sum(jnp.where(mask, sq, 0), axis=1)
-    mx = jnp.max(jnp.where(mask, mx, 0), axis=1)
-    nf = jnp.sum(jnp.where(mask, nf, 0), axis=1)
-    counts = jnp.asarray(member @ sizes, jnp.int32)
+    plan: Layout = layout(sizes)
+    matrices = rows(magnitudes(leaves, acc), plan)
+    user = _segments(groups, len(leaves))
+    result = norms(
+        leaves, [whole, user], axis_name=axis_name, nonfinite=True, matrices=matrices, plan=plan
+    )
+    assert result.nonfinite is not None
+    largest = per_leaf(matrices, plan, lambda m: m, _abs_max)
+    max_abs = jnp.concatenate([whole.max(largest), user.max(largest)])
     if axis_name is not None:
-        sq = _psum(sq, axis_name)
-        mx = jax.lax.pmax(mx, axis_name)
-        nf, counts = _psum(jnp.stack([nf, counts]), axis_name)
-    n = counts.astype(acc)
-    rms = _safe_sqrt(sq / jnp.where(n == 0, 1, n))
-    return jnp.concatenate([_safe_sqrt(sq), rms, mx]), nf
+        max_abs = jax.lax.pmax(max_abs, axis_name)
+    norm = jnp.concatenate(result.norms)
+    counts = np.concatenate([whole.sizes(sizes), user.sizes(sizes)])
+    stats = GroupStats(
+        norm=norm,
+        rms=rms(norm, counts, axis_name),
+        max_abs=max_abs,
+        nonfinite=jnp.concatenate(result.nonfinite),
+        names=("", *(name for name, _ in groups)),
+    )
+    return norm[0], stats
 
 
-def grad_stats(grad: PyTree, *, by: By = "leaf", axis_name: AxisName = None) -> dict[str, Array]:
+def _abs_max(m: Array, axis: int) -> Array:
+    return jnp.max(jnp.abs(m), axis=axis, initial=0)
+
+
+@functools.partial(jax.jit, static_argnames=("groups", "axis_name"))
+def _stats(grad: PyTree, *, groups: Groups, axis_name: AxisName) -> GroupStats:
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
+    stats = measure(leaves, groups, axis_name)[1]
+    assert stats is not None
+    return stats
+
+
+def grad_stats(grad: PyTree, *, by: By = "leaf", axis_name: AxisName = None) -> GroupStats:
     """Norm, RMS, max-abs and non-finite count of a gradient, overall and per group.
 
-    A flat dict of 0-d arrays, ready for any logger (TensorBoard, W&B, a pandas row):
-    `norm`, `rms`, `max_abs` and `nonfinite` for the whole gradient, then
-    `norm/<group>`, `rms/<group>`, `max_abs/<group>` and `nonfinite/<group>` for every
-    group, where the groups are chosen by `by`:
+    Returns a `GroupStats`: four small arrays (one entry for the whole gradient, then
+    one per group) and the static group names, so a jitted step returns four device
+    buffers however many leaves the model has. `stats.as_dict()` makes the flat dict a
+    logger wants (`norm`, `norm/hidden1/kernel`, ...) on the host, in one transfer.
+    The groups are chosen by `by`:
 
-    - `"leaf"` (the default): one group per leaf, named by its key path
-      (`jax.tree_util.keystr` without a leading dot: `['enc'][0]['w']`,
-      `layers[0]['bias']`). A gradient that is a single array has no per-leaf keys
-      (they would repeat the global ones).
+    - `"leaf"` (the default): one group per leaf, named by its key path joined with `/`
+      (`enc/0/w`, `layers/0/bias`; Flax's `.value` dropped). A gradient that is a single
+      array has no per-leaf groups (they would repeat the whole gradient).
     - `"group"`: for a `Gradient`, one group per layer and per weight group, named
-      `layers[i]` and `weights[j]`.
+      `layers/i` and `weights/j`.
     - a callable `by(path, leaf) -> str | None`: the group name of each leaf (leaves
       with the same name are pooled; `None` leaves a leaf out of the groups, not out of
-      the global values). It runs as plain Python on every call, never compiled; only
-      the names it returns are part of the compiled computation.
-    - `None`: the global values only.
+      the whole). It runs as plain Python on every call, never compiled.
+    - `None`: the whole gradient only.
 
-    Norms and RMS accumulate in float32 (float64 under x64) and are NaN or inf when an
-    entry is; `max_abs` is NaN when an entry is NaN; `nonfinite` counts NaN and inf
-    entries (int32). Empty groups and empty gradients give zeros. Called eagerly, the
-    gradient is read in one compiled dispatch (cached per structure, shapes, dtypes and
-    group names) that returns two small vectors, which are then split into the dict's
-    0-d arrays; `jax.device_get(stats)` brings every value to the host in one transfer.
-    Under `jax.jit` the returned dict comes back with its keys sorted, as JAX does for
-    every dict.
+    Norms and RMS accumulate in float32 (float64 under x64), exactly for every finite
+    input, and are NaN or inf when an entry is; `max_abs` is NaN when an entry is NaN;
+    `nonfinite` counts NaN and inf entries. Empty groups and empty gradients give zeros.
+    The gradient is read once for the sums of squares and once for max-abs; to clip in
+    the same pass use `grad_clip(grad, max_norm, by=...)`, which returns these
+    statistics too.
 
     Args:
-        grad: a `Gradient` or any pytree of arrays.
+        grad: a `Gradient` or any pytree of numeric arrays.
         by: `"leaf"`, `"group"`, a callable `(path, leaf) -> str | None`, or `None`.
-        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
-            names) along which the local leaves are shards of one larger gradient;
-            every value is the global one. `None` (the default) means no collective.
+        axis_name: the mesh axis name (or tuple of names) along which the leaves are
+            shards of one larger gradient; see docs/many_devices.md.
 
     Returns:
-        A dict from `str` keys to 0-d arrays, global keys first, then the per-group keys
-        statistic by statistic, groups in leaf order.
+        A `GroupStats`.
 
     Raises:
         ValueError: if `by` is an unknown string, or `"group"` for a tree that is not a
             `Gradient`.
-        TypeError: if `by` is neither a string, a callable nor `None`, or the callable
-            returns something other than a string or `None`.
+        TypeError: if `by` is neither a string, a callable nor `None`, the callable
+            returns something other than a string or `None`, or a leaf is not a numeric
+            array.
 
     Example:
         >>> g = jaxgrad.Gradient([{"b": jnp.array([3.0, 4.0])}], [{"W": jnp.array([[0.0, jnp.inf]])}])
         >>> stats = jaxgrad.grad_stats(g, by="group")
-        >>> list(stats)  # doctest: +NORMALIZE_WHITESPACE
-        ['norm', 'rms', 'max_abs', 'nonfinite', 'norm/layers[0]', 'norm/weights[0]',
-         'rms/layers[0]', 'rms/weights[0]', 'max_abs/layers[0]', 'max_abs/weights[0]',
-         'nonfinite/layers[0]', 'nonfinite/weights[0]']
-        >>> float(stats["norm/layers[0]"]), int(stats["nonfinite"])
-        (5.0, 1)
-        >>> jaxgrad.grad_stats({"w": jnp.array([-2.0])})["max_abs/['w']"]
-        Array(2., dtype=float32)
+        >>> stats.names
+        ('', 'layers/0', 'weights/0')
+        >>> logs = stats.as_dict()
+        >>> logs["norm/layers/0"], logs["nonfinite"], logs["nonfinite/weights/0"]
+        (5.0, 1, 1)
     """  # noqa: E501
-    groups = _groups(grad, by)
-    floats, counts = _stats(grad, groups=groups, axis_name=axis_name)
-    # Two vectors came back; `list` splits each into 0-d arrays (one dispatch each).
-    rows = len(groups) + 1
-    flat = list(floats)
-    columns = [flat[:rows], flat[rows : 2 * rows], flat[2 * rows :], list(counts)]
-    values = [c[0] for c in columns] + [v for c in columns for v in c[1:]]
-    return dict(zip(stat_keys(groups), values, strict=True))
+    check_array_leaves("grad", grad)
+    check_axis_name(axis_name, optional=True)
+    groups = resolve_groups(grad, by)
+    return _stats(grad, groups=groups, axis_name=axis_name)

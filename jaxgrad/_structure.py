@@ -3,6 +3,7 @@
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ._typing import PyTree
@@ -121,19 +122,68 @@ def check_callable(name: str, func: Any) -> None:
         raise TypeError(f"`{name}` must be callable; got {type(func).__name__} {func!r}.")
 
 
-def check_array_leaves(name: str, tree: PyTree) -> None:
-    """Raise `TypeError` at the first leaf that is not an array or a scalar number."""
-    if all(map(_is_array_like, jax.tree.leaves(tree))):  # the fast path: no key paths
+def check_array_leaves(name: str, tree: PyTree, *, inexact: bool = False) -> None:
+    """Raise `TypeError` at the first leaf that is not a numeric array or a scalar number.
+
+    Numeric means boolean, integer, floating-point or complex: PRNG keys, strings and
+    object arrays are refused, as are shape-only leaves such as `jax.ShapeDtypeStruct`.
+    With `inexact=True` only floating-point and complex leaves pass. The check is a
+    type test per leaf (key paths are only computed to name a bad one).
+    """
+    test = _is_inexact_leaf if inexact else _is_numeric_leaf
+    if all(map(test, jax.tree.leaves(tree))):  # the fast path: no key paths
         return
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if not _is_array_like(leaf):
+        if _is_numeric_leaf(leaf) and not test(leaf):
             raise TypeError(
-                f"`{name}` must be a pytree of arrays; at {where(path)} "
-                f"it has a {type(leaf).__name__}: {leaf!r:.80}."
+                f"`{name}` must have floating-point or complex leaves; at {where(path)} "
+                f"it has {describe_leaf(leaf)}."
+            )
+        if not test(leaf):
+            if getattr(leaf, "dtype", None) is not None and isinstance(leaf, jax.Array):
+                what = f"an array of dtype {describe_leaf(leaf)}"
+            else:
+                what = f"a {type(leaf).__name__}: {leaf!r:.80}"
+            raise TypeError(
+                f"`{name}` must be a pytree of numeric arrays; at {where(path)} it has {what}."
             )
 
 
-def _is_array_like(leaf: Any) -> bool:
-    if isinstance(leaf, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
-        return True
-    return hasattr(leaf, "shape") and hasattr(leaf, "dtype")
+_NUMERIC: dict[Any, bool] = {}
+_INEXACT: dict[Any, bool] = {}
+
+
+def _dtype_of(leaf: Any) -> Any:
+    if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+        return leaf.dtype
+    if isinstance(leaf, (bool, int, float, complex)):
+        return np.dtype(type(leaf)) if not isinstance(leaf, bool) else np.dtype(bool)
+    return None
+
+
+def _is_numeric_leaf(leaf: Any) -> bool:
+    dtype = _dtype_of(leaf)
+    if dtype is None:
+        return False
+    known = _NUMERIC.get(dtype)
+    if known is None:
+        try:
+            known = bool(jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
+        except TypeError:
+            known = False
+        _NUMERIC[dtype] = known
+    return known
+
+
+def _is_inexact_leaf(leaf: Any) -> bool:
+    dtype = _dtype_of(leaf)
+    if dtype is None:
+        return False
+    known = _INEXACT.get(dtype)
+    if known is None:
+        try:
+            known = bool(jnp.issubdtype(dtype, jnp.inexact))
+        except TypeError:
+            known = False
+        _INEXACT[dtype] = known
+    return known

@@ -32,12 +32,15 @@ def _assert_stats(stats, norm, rms, scale, clipped, finite):
 # -- agreement with optax ----------------------------------------------------------------
 
 
-def test_clip_matches_jitted_optax_bit_for_bit(tree_kind):
+def test_clip_matches_jitted_optax_to_float32_rounding(tree_kind):
     tree = make_tree(tree_kind)
     norm = np.linalg.norm(flat_numpy(tree))
+    dropped = jax.jit(lambda g, m: jg.grad_clip(g, m)[0])  # the natural pattern: stats unused
     for max_norm in (0.5, 1e3):  # clips, passes
         out, stats = jg.grad_clip(tree, max_norm)
-        chex.assert_trees_all_equal(out, _optax_clip(tree, max_norm, jit=True))
+        reference = _optax_clip(tree, max_norm, jit=True)
+        chex.assert_trees_all_close(out, reference, rtol=2.5e-7, atol=0)
+        chex.assert_trees_all_close(dropped(tree, max_norm), reference, rtol=2.5e-7, atol=0)
         assert type(out) is type(tree)
         assert bool(stats.clipped) is bool(norm > max_norm)
         np.testing.assert_allclose(stats.norm, norm, rtol=1e-6)
@@ -55,7 +58,7 @@ def test_clip_differs_from_optax_only_where_optax_gives_nan():
     chex.assert_trees_all_equal(jg.grad_clip(zeros, 0.0)[0], zeros)
     bad = {"w": jnp.array([1.0, jnp.nan])}
     assert bool(jnp.all(jnp.isnan(_optax_clip(bad, 1.0, jit=True)["w"])))
-    chex.assert_trees_all_equal(jg.grad_clip(bad, 1.0)[0], {"w": jnp.zeros(2)})
+    chex.assert_trees_all_equal(jg.grad_clip(bad, 1.0)[0], bad)  # passed on as it was
 
 
 # -- dtypes, structure, bound -------------------------------------------------------------
@@ -128,18 +131,22 @@ def test_nonzero_gradient_with_zero_bound_is_zeros(maybe_jit):
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 @pytest.mark.parametrize("fn", [jg.grad_clip, jg.grad_clip_by_magnitude])
-def test_nonfinite_norm_gives_zeros_and_a_flag(fn, bad, maybe_jit):
-    g = {"w": jnp.array([1.0, bad], jnp.bfloat16), "b": jnp.ones(3)}
+def test_nonfinite_gradient_is_passed_on_unchanged_with_a_flag(fn, bad, maybe_jit):
+    g = {"w": jnp.array([1.0, bad], jnp.bfloat16), "b": jnp.full(3, 1e20)}
     out, stats = maybe_jit(fn)(g, 1.0)
-    chex.assert_trees_all_equal(out, {"w": jnp.zeros(2, jnp.bfloat16), "b": jnp.zeros(3)})
-    assert not bool(stats.finite) and bool(stats.clipped) and float(stats.scale) == 0.0
+    chex.assert_trees_all_equal(out, g)  # NaN/inf kept, so apply_if_finite skips the step
+    assert not bool(stats.finite) and not bool(stats.clipped) and float(stats.scale) == 1.0
     assert np.isnan(stats.norm) if np.isnan(bad) else float(stats.norm) == np.inf
 
 
-def test_norm_overflowing_float32_counts_as_nonfinite():
-    out, stats = jg.grad_clip({"w": jnp.array([1e20, 1.0])}, 1.0)  # 1e40 > float32 max
-    chex.assert_trees_all_equal(out, {"w": jnp.zeros(2)})
-    assert float(stats.norm) == np.inf and not bool(stats.finite)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_norm_whose_squares_overflow_float32_is_finite_and_clips(dtype):
+    g = {"w": jnp.array([1e20, 1.0], dtype), "b": jnp.array([-1e20], dtype)}  # 2e40 > f32 max
+    out, stats = jg.grad_clip(g, 1.0)
+    x = flat_numpy(g)
+    np.testing.assert_allclose(stats.norm, np.linalg.norm(x), rtol=1e-6)
+    assert bool(stats.finite) and bool(stats.clipped)
+    np.testing.assert_allclose(flat_numpy(out), x / np.linalg.norm(x), rtol=1e-2)
 
 
 def test_empty_tree_is_returned_with_zero_norm(maybe_jit):
@@ -189,10 +196,10 @@ def test_traced_bound_and_no_recompilation_per_bound():
     out = jax.jit(lambda g, m: jg.grad_clip(g, m)[0])(g, jnp.float32(0.5))
     np.testing.assert_allclose(jg.grad_norm(out), 0.5, rtol=1e-5)
     jg.grad_clip(g, 0.1)
-    before = _clip.jitted._cache_size()
+    before = _clip._cache_size()
     jg.grad_clip(g, 0.2)
     jg.grad_clip(g, 7)
-    assert _clip.jitted._cache_size() == before
+    assert _clip._cache_size() == before
 
 
 def test_derivative_is_finite_at_zero_and_through_the_clip():
@@ -284,11 +291,13 @@ def test_clip_on_random_trees(tree, max_norm, jit):
 @given(
     trees(nonfinite=True), st.sampled_from([jg.grad_clip, jg.grad_clip_by_magnitude]), st.booleans()
 )
-def test_clip_never_lets_nan_through(tree, fn, jit):
+def test_clip_never_makes_nan_and_passes_nonfinite_gradients_on(tree, fn, jit):
     bad = not np.all(np.isfinite(flat(tree)))
     out, stats = (jax.jit(fn) if jit else fn)(tree, 1.0)
     chex.assert_trees_all_equal_shapes_and_dtypes(out, tree)
-    assert np.all(np.isfinite(flat(out)))
     assert bool(stats.finite) is not bad
     if bad:
-        assert not np.any(flat(out)) and float(stats.scale) == 0.0
+        chex.assert_trees_all_equal(out, tree)
+        assert float(stats.scale) == 1.0 and not bool(stats.clipped)
+    else:
+        assert np.all(np.isfinite(flat(out)))

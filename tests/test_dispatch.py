@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxgrad as jg
-from jaxgrad import _constructors, _flatten, _reduce
+from jaxgrad import _clip, _constructors, _finite, _flatten, _reduce, _stats
 
 
 def _tree(n: int, size: int = 3):
@@ -17,9 +17,12 @@ def _tree(n: int, size: int = 3):
 
 
 CACHED = [
-    ("grad_norm", lambda t: jg.grad_norm(t), lambda: jg.grad_norm.jitted),
-    ("grad_magnitude", lambda t: jg.grad_magnitude(t), lambda: jg.grad_magnitude.jitted),
-    ("grad_rms", lambda t: jg.grad_rms(t), lambda: jg.grad_magnitude.jitted),
+    ("grad_norm", lambda t: jg.grad_norm(t), lambda: _reduce._norm),
+    ("grad_magnitude", lambda t: jg.grad_magnitude(t), lambda: _reduce._magnitude),
+    ("grad_rms", lambda t: jg.grad_rms(t), lambda: _reduce._magnitude),
+    ("grad_clip", lambda t: jg.grad_clip(t, 1.0), lambda: _clip._clip),
+    ("grad_stats", lambda t: jg.grad_stats(t), lambda: _stats._stats),
+    ("grad_all_finite", lambda t: jg.grad_all_finite(t), lambda: _finite._all_finite),
     ("grad_normalize", lambda t: jg.grad_normalize(t), lambda: _reduce._normalize_jit),
     ("grad_normalize_", lambda t: jg.grad_normalize_(t), lambda: _reduce._normalize_jit),
     ("zero_grad", lambda t: jg.zero_grad(t), lambda: _constructors._zeros_like.jitted),
@@ -37,7 +40,7 @@ CACHED = [
     (
         "grad_accumulate",
         lambda t: jg.grad_accumulate(jnp.sum, t),
-        lambda: _reduce._sum_scalars.jitted,
+        lambda: _reduce._sum_scalars,
     ),
 ]
 
@@ -58,21 +61,19 @@ def _jaxpr_text(fn, *args):
     return str(jax.make_jaxpr(fn)(*args))
 
 
-# A nested call of one of jaxgrad's own compiled functions would show as `jit[name=...]`
-# (jax.numpy's own helpers, such as `_where`, are nested jits too, and allowed).
-OURS = re.compile(r"jit\[name=(grad_|_zeros_like|_normalize|_unflatten|_random_like|_sum_scalars)")
+# Functions that still use the trace-state dispatch (`_dispatch.compiled`) add no nested
+# jit inside the user's; the whole-gradient reductions are plain `jax.jit` kernels, whose
+# nested call compiles to the same HLO as their eager call (next test).
+OURS = re.compile(r"jit\[\s*name=(_zeros_like|_unflatten|_random_like|grad_flatten)")
 
 
 @pytest.mark.parametrize(
     ("public", "plain"),
     [
-        (jg.grad_norm, jg.grad_norm.__wrapped__),
-        (jg.grad_magnitude, jg.grad_magnitude.__wrapped__),
         (jg.grad_flatten, jg.grad_flatten.__wrapped__),
         (jg.zero_grad, lambda t: jax.tree.map(jnp.zeros_like, t)),
-        (jg.grad_normalize, lambda t: _reduce._normalize(t, None)),
     ],
-    ids=["norm", "magnitude", "flatten", "zero_grad", "normalize"],
+    ids=["flatten", "zero_grad"],
 )
 def test_inside_user_jit_there_is_no_nested_jit(public, plain):
     tree = _tree(3)
@@ -85,9 +86,45 @@ def test_inside_user_jit_unflatten_and_random_add_no_call():
     tree = _tree(2)
     assert not OURS.search(_jaxpr_text(lambda v: jg.grad_unflatten(v, tree), jnp.zeros(12)))
     assert not OURS.search(_jaxpr_text(lambda k: jg.random_grad(tree, k), jax.random.key(0)))
-    assert not OURS.search(_jaxpr_text(lambda t: jg.grad_accumulate(jnp.sum, t), tree))
     # and the check would see one: a call of the compiled function itself shows up
-    assert OURS.search(_jaxpr_text(jg.grad_norm.jitted, tree))
+    assert OURS.search(_jaxpr_text(jg.grad_flatten.jitted, tree))
+
+
+def _fusions(hlo: str) -> list[str]:
+    """The fused computations of compiled HLO text, without names and metadata."""
+    bodies = re.findall(r"^%fused\S* \((.*?)^}", hlo, flags=re.S | re.M)
+    strip = lambda b: re.sub(r"(%[\w.\-]+|metadata=\{[^}]*\}|, op_name=\S+)", "", b)  # noqa: E731
+    return sorted(strip(b) for b in bodies)
+
+
+@pytest.mark.parametrize(
+    ("public", "kernel"),
+    [
+        (
+            lambda t: jg.grad_norm(t),
+            lambda t: _reduce._norm(t, ord="2", squared=False, axis_name=None),
+        ),
+        (
+            lambda t: jg.grad_clip(t, 1.0, by="leaf"),
+            lambda t: _clip._clip(
+                t, 1.0, measure="norm", groups=_stats.resolve_groups(t, "leaf"), axis_name=None
+            ),
+        ),
+        (
+            lambda t: jg.grad_stats(t),
+            lambda t: _stats._stats(t, groups=_stats.resolve_groups(t, "leaf"), axis_name=None),
+        ),
+    ],
+    ids=["norm", "clip", "stats"],
+)
+def test_nested_jit_compiles_to_the_eager_kernel(public, kernel):
+    """Inside the user's jit the kernel's nested `jax.jit` is inlined: the same fusions."""
+    tree = _tree(6)
+    user = jax.jit(public).lower(tree).compile().as_text()
+    eager = kernel.__wrapped__ if hasattr(kernel, "__wrapped__") else kernel
+    own = jax.jit(eager).lower(tree).compile().as_text()
+    assert _fusions(user) == _fusions(own)
+    assert len(_fusions(user)) > 0
 
 
 def test_eager_results_equal_jitted_results():
@@ -140,6 +177,7 @@ def test_user_callables_never_return_stale_results(call):
 )
 def test_eager_non_array_leaf_gets_the_house_error(fn):
     with pytest.raises(
-        TypeError, match=r"`grad` must be a pytree of arrays; at \['step'\] it has a str: 'seven'"
+        TypeError,
+        match=r"`grad` must be a pytree of numeric arrays; at \['step'\] it has a str: 'seven'",
     ):
         fn({"w": jnp.ones(2), "step": "seven"})

@@ -83,11 +83,11 @@ def test_report_counts_paths_and_first_path(maybe_jit):
     assert isinstance(report, jg.NonfiniteReport)
     assert report.counts.dtype == jnp.int32
     np.testing.assert_array_equal(report.counts, [0, 2, 0, 1])
-    assert report.paths == (".layers[0]['b']", ".layers[2]['b']", ".weights[0]", ".weights[1]")
+    assert report.paths == ("layers/0/b", "layers/2/b", "weights/0", "weights/1")
     assert int(report.total) == 3
-    assert report.first_path() == ".layers[2]['b']"
-    assert report.as_dict() == {".layers[2]['b']": 2, ".weights[1]": 1}
-    assert report.summary() == "3 non-finite entries in 2 of 4 leaves; first at .layers[2]['b']"
+    assert report.first_path() == "layers/2/b"
+    assert report.as_dict() == {"layers/2/b": 2, "weights/1": 1}
+    assert report.summary() == "3 non-finite entries in 2 of 4 leaves; first at layers/2/b"
 
 
 def test_report_of_a_finite_gradient():
@@ -101,8 +101,9 @@ def test_report_of_empty_and_single_array():
     assert empty.counts.shape == (0,) and empty.paths == () and int(empty.total) == 0
     assert empty.first_path() is None and empty.summary() == "no non-finite entries in 0 leaves"
     root = jg.grad_nonfinite_report(jnp.array([NAN, NAN]))
-    assert root.paths == ("",) and root.first_path() == ""
-    assert root.summary() == "2 non-finite entries in 1 of 1 leaf; first at the root"
+    assert root.paths == ("(root)",) and root.first_path() == "(root)"
+    assert bool(root.first_path())  # `if report.first_path():` sees the bad root leaf
+    assert root.summary() == "2 non-finite entries in 1 of 1 leaf; first at (root)"
 
 
 def test_report_is_a_pytree_stacked_by_scan():
@@ -114,8 +115,15 @@ def test_report_is_a_pytree_stacked_by_scan():
 
     total, reports = jax.jit(lambda gs: jax.lax.scan(body, jnp.int32(0), gs))(grads)
     assert int(total) == 3
-    assert isinstance(reports, jg.NonfiniteReport) and reports.paths == ("['w']",)
+    assert isinstance(reports, jg.NonfiniteReport) and reports.paths == ("w",)
     np.testing.assert_array_equal(reports.counts, [[0], [1], [2]])
+    # the host methods read a stacked report: the first bad step, counts per step
+    np.testing.assert_array_equal(reports.total, [0, 1, 2])
+    assert reports.first_path() == "w"
+    np.testing.assert_array_equal(reports.as_dict()["w"], [0, 1, 2])
+    assert (
+        reports.summary() == "3 non-finite entries in 1 of 1 leaf over 3 steps; first at w (step 1)"
+    )
 
 
 def test_report_host_methods_inside_jit_raise_a_clear_error():

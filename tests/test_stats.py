@@ -8,9 +8,22 @@ from toolkit_trees import as_f64, flat, trees
 
 import jaxgrad as jg
 from conftest import make_tree
-from jaxgrad._stats import _stats
+from jaxgrad._stats import _stats, path_name
 
 GLOBAL = ["norm", "rms", "max_abs", "nonfinite"]
+
+
+def _flat(stats):
+    """A `GroupStats` as `{key: device array}`, keys as in `as_dict` (dtypes kept)."""
+    assert isinstance(stats, jg.GroupStats)
+    out = {}
+    for stat in GLOBAL:
+        values = getattr(stats, stat)
+        assert values.shape[-1] == len(stats.names)
+        for g, name in enumerate(stats.names):
+            out[f"{stat}/{name}" if name else stat] = values[..., g]
+    assert list(out) == list(stats.as_dict())
+    return out
 
 
 def _reference(leaves):
@@ -44,29 +57,43 @@ def _check(stats, key_suffix, expected):
 )
 def test_per_leaf_stats_match_numpy(tree_kind, dtype):
     tree = make_tree(tree_kind, dtype)
-    stats = jg.grad_stats(tree)
+    stats = _flat(jg.grad_stats(tree))
     pairs = jax.tree_util.tree_flatten_with_path(tree)[0]
-    names = [jax.tree_util.keystr(p).lstrip(".") for p, _ in pairs]
+    names = [path_name(p) for p, _ in pairs]
+    assert not any("[" in n or "'" in n or n.endswith("/value") for n in names)
     assert set(stats) == set(GLOBAL) | {f"{s}/{n}" for s in GLOBAL for n in names}
     _check(stats, "", _reference([x for _, x in pairs]))
     for name, (_, leaf) in zip(names, pairs, strict=True):
         _check(stats, f"/{name}", _reference([leaf]))
 
 
-def test_eager_keys_come_global_first_then_stat_by_stat_in_leaf_order():
+def test_keys_are_stat_by_stat_whole_gradient_first_then_leaf_order():
     tree = {"b": jnp.ones(2), "a": [jnp.ones(1), jnp.zeros(3)]}
-    assert list(jg.grad_stats(tree)) == [
-        *GLOBAL,
-        *(f"{s}/{n}" for s in GLOBAL for n in ["['a'][0]", "['a'][1]", "['b']"]),
-    ]
-    assert all(isinstance(k, str) for k in jg.grad_stats(tree))
+    stats = jg.grad_stats(tree)
+    assert stats.names == ("", "a/0", "a/1", "b")
+    assert list(stats.as_dict()) == [f"{s}{n}" for s in GLOBAL for n in ["", "/a/0", "/a/1", "/b"]]
 
 
-def test_gradient_leaf_keys_drop_the_leading_dot():
+def test_gradient_leaf_keys_are_logger_ready():
     g = jg.Gradient([{"bias": jnp.array([3.0, 4.0])}], [jnp.ones((2, 2))])
-    stats = jg.grad_stats(g)
-    assert float(stats["norm/layers[0]['bias']"]) == 5.0
-    assert float(stats["rms/weights[0]"]) == 1.0
+    logs = jg.grad_stats(g).as_dict()
+    assert logs["norm/layers/0/bias"] == 5.0
+    assert logs["rms/weights/0"] == 1.0
+
+
+def test_flax_value_is_dropped_from_names():
+    from flax import nnx
+
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    stats = jg.grad_stats(nnx.state(model, nnx.Param))
+    assert stats.names == ("", "bias", "kernel")
+
+
+def test_four_device_arrays_however_many_leaves():
+    tree = {f"p{i}": jnp.ones(3) for i in range(50)}
+    stats = jax.jit(jg.grad_stats)(tree)
+    assert len(jax.tree.leaves(stats)) == 4
+    assert stats.norm.shape == (51,)
 
 
 # -- by group, callable, None ----------------------------------------------------------------
@@ -77,12 +104,12 @@ def test_by_group_pools_each_layer_and_weight(maybe_jit):
         layers=[{"b": jnp.array([3.0]), "s": jnp.array([4.0])}, {"b": jnp.zeros(2)}],
         weights=[{"W": jnp.array([[1.0, jnp.nan]], jnp.bfloat16)}],
     )
-    stats = maybe_jit(lambda g: jg.grad_stats(g, by="group"))(g)
-    groups = ["layers[0]", "layers[1]", "weights[0]"]
+    stats = _flat(maybe_jit(lambda g: jg.grad_stats(g, by="group"))(g))
+    groups = ["layers/0", "layers/1", "weights/0"]
     assert set(stats) == set(GLOBAL) | {f"{s}/{n}" for s in GLOBAL for n in groups}
-    _check(stats, "/layers[0]", {"norm": 5.0, "rms": np.sqrt(12.5), "max_abs": 4.0, "nonfinite": 0})
-    _check(stats, "/layers[1]", {"norm": 0.0, "rms": 0.0, "max_abs": 0.0, "nonfinite": 0})
-    assert int(stats["nonfinite/weights[0]"]) == 1 and np.isnan(stats["max_abs/weights[0]"])
+    _check(stats, "/layers/0", {"norm": 5.0, "rms": np.sqrt(12.5), "max_abs": 4.0, "nonfinite": 0})
+    _check(stats, "/layers/1", {"norm": 0.0, "rms": 0.0, "max_abs": 0.0, "nonfinite": 0})
+    assert int(stats["nonfinite/weights/0"]) == 1 and np.isnan(stats["max_abs/weights/0"])
     assert np.isnan(stats["norm"]) and int(stats["nonfinite"]) == 1
 
 
@@ -92,7 +119,7 @@ def test_by_callable_pools_by_name_and_none_leaves_a_leaf_out(maybe_jit):
     def by(path, leaf):
         return "matrices" if leaf.ndim == 2 else None
 
-    stats = maybe_jit(lambda t: jg.grad_stats(t, by=by))(tree)
+    stats = _flat(maybe_jit(lambda t: jg.grad_stats(t, by=by))(tree))
     assert set(stats) == set(GLOBAL) | {f"{s}/matrices" for s in GLOBAL}
     _check(stats, "/matrices", {"norm": 5.0, "rms": np.sqrt(12.5), "max_abs": 4.0, "nonfinite": 0})
     _check(stats, "", {"norm": 13.0, "rms": 13 / np.sqrt(3), "max_abs": 12.0, "nonfinite": 0})
@@ -107,24 +134,24 @@ def test_callable_by_runs_as_python_on_every_call_and_is_not_compiled():
         return prefix[0]
 
     tree = {"x": jnp.ones(1), "y": jnp.ones(1)}
-    assert "norm/a" in jg.grad_stats(tree, by=by)
+    assert jg.grad_stats(tree, by=by).names == ("", "a")
     prefix[0] = "b"  # a global the callable reads: the next call must see it
-    assert "norm/b" in jg.grad_stats(tree, by=by)
+    assert "norm/b" in jg.grad_stats(tree, by=by).as_dict()
     assert seen == ["['x']", "['y']"] * 2
 
 
 def test_one_compilation_per_structure_and_group_names():
     tree = {"x": jnp.ones(3), "y": jnp.ones(2)}
     jg.grad_stats(tree)
-    before = _stats.jitted._cache_size()
+    before = _stats._cache_size()
     jg.grad_stats({"x": jnp.zeros(3), "y": 2 * jnp.ones(2)})
     jg.grad_stats(tree, by=lambda path, leaf: "all")
     jg.grad_stats(tree, by=lambda path, leaf: "all")  # a new lambda, the same names
-    assert _stats.jitted._cache_size() == before + 1
+    assert _stats._cache_size() == before + 1
 
 
 def test_by_none_gives_global_values_only():
-    stats = jg.grad_stats({"w": jnp.array([3.0, -4.0])}, by=None)
+    stats = _flat(jg.grad_stats({"w": jnp.array([3.0, -4.0])}, by=None))
     assert list(stats) == GLOBAL
     _check(stats, "", {"norm": 5.0, "rms": np.sqrt(12.5), "max_abs": 4.0, "nonfinite": 0})
 
@@ -134,13 +161,15 @@ def test_by_none_gives_global_values_only():
 
 def test_empty_tree_gives_zeros():
     for empty in ({}, [], None, jg.Gradient([], [])):
-        stats = jg.grad_stats(empty, by="group" if isinstance(empty, jg.Gradient) else "leaf")
+        stats = _flat(
+            jg.grad_stats(empty, by="group" if isinstance(empty, jg.Gradient) else "leaf")
+        )
         assert list(stats) == GLOBAL
         _check(stats, "", {"norm": 0.0, "rms": 0.0, "max_abs": 0.0, "nonfinite": 0})
 
 
 def test_single_array_has_no_per_leaf_keys():
-    stats = jg.grad_stats(jnp.array([1.0, jnp.inf, jnp.nan]))
+    stats = _flat(jg.grad_stats(jnp.array([1.0, jnp.inf, jnp.nan])))
     assert list(stats) == GLOBAL
     assert int(stats["nonfinite"]) == 2 and np.isnan(stats["max_abs"]) and np.isnan(stats["norm"])
 
@@ -153,21 +182,21 @@ def test_none_subtrees_zero_size_scalars_and_mixed_dtypes():
         "inf": jnp.array([jnp.inf, 1.0]),
         "n": jnp.array([3, -7], jnp.int32),
     }
-    stats = jg.grad_stats(tree)
+    stats = _flat(jg.grad_stats(tree))
     assert not any("none" in k for k in stats)
-    _check(stats, "/['empty']", {"norm": 0.0, "rms": 0.0, "max_abs": 0.0, "nonfinite": 0})
-    _check(stats, "/['s']", {"norm": 2.0, "rms": 2.0, "max_abs": 2.0, "nonfinite": 0})
-    _check(
-        stats, "/['n']", {"norm": np.sqrt(58), "rms": np.sqrt(29), "max_abs": 7.0, "nonfinite": 0}
-    )
-    _check(stats, "/['inf']", {"norm": np.inf, "rms": np.inf, "max_abs": np.inf, "nonfinite": 1})
+    _check(stats, "/empty", {"norm": 0.0, "rms": 0.0, "max_abs": 0.0, "nonfinite": 0})
+    _check(stats, "/s", {"norm": 2.0, "rms": 2.0, "max_abs": 2.0, "nonfinite": 0})
+    _check(stats, "/n", {"norm": np.sqrt(58), "rms": np.sqrt(29), "max_abs": 7.0, "nonfinite": 0})
+    _check(stats, "/inf", {"norm": np.inf, "rms": np.inf, "max_abs": np.inf, "nonfinite": 1})
     assert int(stats["nonfinite"]) == 1 and float(stats["max_abs"]) == np.inf
 
 
 def test_axis_name_gives_global_values():
     full = {"w": jnp.array([[3.0, 0.0], [-4.0, jnp.inf]])}
-    per_shard = jax.jit(jax.vmap(lambda g: jg.grad_stats(g, axis_name="i"), axis_name="i"))(full)
-    expected = jg.grad_stats(full)
+    per_shard = _flat(
+        jax.jit(jax.vmap(lambda g: jg.grad_stats(g, axis_name="i"), axis_name="i"))(full)
+    )
+    expected = _flat(jg.grad_stats(full))
     for key in expected:
         np.testing.assert_array_equal(per_shard[key], [expected[key]] * 2)
 
@@ -198,7 +227,7 @@ def test_bad_by_raises():
 @settings(max_examples=16)
 @given(trees(nonfinite=True), st.booleans())
 def test_stats_on_random_trees_match_numpy(tree, jit):
-    stats = (jax.jit(jg.grad_stats) if jit else jg.grad_stats)(tree)
+    stats = _flat((jax.jit(jg.grad_stats) if jit else jg.grad_stats)(tree))
     pairs = jax.tree_util.tree_flatten_with_path(tree)[0]
     expected = _reference([x for _, x in pairs])
     assert int(stats["nonfinite"]) == expected["nonfinite"]
@@ -208,7 +237,7 @@ def test_stats_on_random_trees_match_numpy(tree, jit):
         if not path:  # a single array: no per-leaf keys
             assert len(stats) == 4
             continue
-        name = jax.tree_util.keystr(path).lstrip(".")
+        name = path_name(path)
         leaf_expected = _reference([leaf])
         assert int(stats[f"nonfinite/{name}"]) == leaf_expected["nonfinite"]
         if leaf_expected["nonfinite"] == 0:

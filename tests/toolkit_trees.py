@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
+import jaxgrad as jg
 from conftest import extend_tree
 
 LEAF_DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
@@ -47,4 +48,4 @@ def flat(tree) -> np.ndarray:
 
 
 def paths(tree) -> list[str]:
-    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [jg.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]

@@ -1,0 +1,310 @@
+"""Numerics shared by every whole-gradient reduction: dtypes, partial sums, norms, psum.
+
+Cost model (see docs/performance.md). A whole-gradient op must compile to HLO that grows
+linearly with the number of leaves and read the gradient as few times as optax does:
+
+- Per-leaf partial results are computed on *packed* leaves: every leaf with at most
+  `PACK_LIMIT` entries is raveled, zero-padded to a power-of-two length and stacked
+  with the other small leaves of that length into one matrix, so a model's hundreds of
+  biases and norm scales cost a few row reductions, not hundreds of fusions (and a few
+  seconds of compilation, not a minute, at thousands of leaves). Larger leaves are
+  reduced one by one, as rows of length `size`. Every transform used is zero at zero,
+  so the padding changes nothing.
+- The global norms come out of one `lax.cond`: an ordinary gradient takes the plain
+  float32 sum of squares; only a gradient whose sum is not finite (a NaN or inf entry,
+  or squares beyond float32's range) runs the second branch, which rescales every leaf
+  by its max-abs (so finite inputs always get a finite, correct norm) and counts the
+  non-finite entries. The conditional is also a hard boundary for XLA's fusion: the
+  O(leaves) chain of partial sums is computed once, and each leaf's output fusion reads
+  one scalar, as in optax's `clip_by_global_norm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._typing import Array, PyTree
+
+AxisName = str | tuple[str, ...] | None
+
+PACK_LIMIT = 4096
+"""Leaves with at most this many entries are packed into shared matrices."""
+
+
+def accumulation_dtype(dtypes: Any) -> np.dtype:
+    """float64 if any dtype is 64-bit (float or complex), else float32.
+
+    Low-precision floats (float16, bfloat16) and integers accumulate in float32, so sums
+    of squares do not overflow; float64 stays float64 (it only exists under x64).
+    """
+    wide = any(np.dtype(d) in (np.dtype(np.float64), np.dtype(np.complex128)) for d in dtypes)
+    return np.dtype(np.float64 if wide else np.float32)
+
+
+def count_dtype(entries: int) -> np.dtype:
+    """The dtype that counts up to `entries` exactly: int32, else int64 (x64) or float32."""
+    if entries < 2**31:
+        return np.dtype(np.int32)
+    wide = jnp.zeros((), jnp.int64).dtype == np.dtype(np.int64)  # x64 is on
+    return np.dtype(np.int64) if wide else np.dtype(np.float32)
+
+
+def widen(x: Array) -> Array:
+    """`x` in float32 if it is a float16 or bfloat16 array, else unchanged."""
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+        return x.astype(jnp.float32)
+    return x
+
+
+@jax.custom_jvp
+def safe_sqrt(x: Array) -> Array:
+    """`sqrt(x)` for `x >= 0` whose derivative at 0 is 0 rather than inf."""
+    return jnp.sqrt(x)
+
+
+@safe_sqrt.defjvp
+def _safe_sqrt_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (x,), (dx,) = primals, tangents
+    y = jnp.sqrt(x)
+    positive = x > 0
+    return y, jnp.where(positive, dx / (2 * jnp.where(positive, y, 1)), 0)
+
+
+def psum(value: Any, axis_name: AxisName) -> Any:
+    """`jax.lax.psum(value, axis_name)`, or `value` when `axis_name` is None."""
+    return value if axis_name is None else jax.lax.psum(value, axis_name)
+
+
+def axis_size(axis_name: AxisName) -> int:
+    """The number of shards along `axis_name` (1 for None); a constant, no collective."""
+    return 1 if axis_name is None else int(jax.lax.psum(1, axis_name))
+
+
+# Packed per-leaf reductions ----------------------------------------------------------
+
+
+class Layout(NamedTuple):
+    """Where each leaf goes: `(row length, leaf indices)` per packed matrix, then the order.
+
+    `order[k]` is the leaf whose result is the k-th entry of the concatenated rows, so
+    `inverse` puts them back in leaf order.
+    """
+
+    pieces: tuple[tuple[int, tuple[int, ...]], ...]
+    inverse: np.ndarray
+
+
+def layout(sizes: Sequence[int]) -> Layout:
+    """Pack small leaves by padded length (a power of two); larger ones stay alone."""
+    buckets: dict[int, list[int]] = {}
+    pieces: list[tuple[int, tuple[int, ...]]] = []
+    for i, size in enumerate(sizes):
+        if size <= PACK_LIMIT:
+            buckets.setdefault(1 << max(size - 1, 0).bit_length(), []).append(i)
+        else:
+            pieces.append((size, (i,)))
+    pieces = [(length, tuple(idx)) for length, idx in sorted(buckets.items())] + pieces
+    order = np.array([i for _, idx in pieces for i in idx], dtype=np.int64)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    return Layout(tuple(pieces), inverse)
+
+
+def magnitudes(leaves: Sequence[Array], acc: np.dtype) -> list[Array]:
+    """Each leaf as real values in `acc`: `|x|` for complex leaves, `x` otherwise."""
+    return [
+        (jnp.abs(x) if jnp.iscomplexobj(x) else x).astype(acc) for x in map(jnp.asarray, leaves)
+    ]
+
+
+def rows(values: Sequence[Array], plan: Layout) -> list[Array]:
+    """The packed matrices of `values` (from `magnitudes`): one row per leaf."""
+    out = []
+    for length, idx in plan.pieces:
+        if len(idx) == 1 and values[idx[0]].size == length:
+            out.append(values[idx[0]].reshape(1, length))
+        else:
+            out.append(
+                jnp.stack([jnp.pad(values[i].ravel(), (0, length - values[i].size)) for i in idx])
+            )
+    return out
+
+
+def per_leaf(
+    matrices: Sequence[Array],
+    plan: Layout,
+    transform: Callable[[Array], Array],
+    reduce: Callable[..., Array],
+) -> Array:
+    """`reduce(transform(leaf))` for every leaf, as one vector in leaf order.
+
+    `transform` must map 0 to 0 (the padding) and `reduce` take `axis=1`.
+    """
+    if not plan.pieces:
+        return jnp.zeros((0,), matrices[0].dtype if matrices else jnp.float32)
+    parts = [reduce(transform(m), axis=1) for m in matrices]
+    out = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+    if np.array_equal(plan.inverse, np.arange(plan.inverse.size)):
+        return out
+    return out[plan.inverse]
+
+
+def _square(m: Array) -> Array:
+    return m * m
+
+
+def _max(m: Array, axis: int) -> Array:
+    return jnp.max(jnp.abs(m), axis=axis, initial=0)
+
+
+def _count_nonfinite(dtype: np.dtype) -> Callable[[Array, int], Array]:
+    def count(m: Array, axis: int) -> Array:
+        return jnp.sum(~jnp.isfinite(m), axis=axis, dtype=dtype)
+
+    return count
+
+
+# Grouped norms with the overflow-safe branch -----------------------------------------
+
+
+class Segments(NamedTuple):
+    """A static grouping of leaves: `ids[i]` is the group of leaf i (`groups` = left out)."""
+
+    ids: np.ndarray
+    groups: int
+
+    @classmethod
+    def whole(cls, leaves: int) -> Segments:
+        """One group holding every leaf."""
+        return cls(np.zeros(leaves, np.int32), 1)
+
+    def is_identity(self) -> bool:
+        """Whether every leaf is its own group, in order."""
+        return self.groups == self.ids.size and bool(
+            np.array_equal(self.ids, np.arange(self.ids.size))
+        )
+
+    def sum(self, values: Array) -> Array:
+        """Per-group sums of per-leaf `values`."""
+        if self.is_identity():
+            return values
+        if self.groups == 1 and not (self.ids != 0).any():
+            return jnp.sum(values, keepdims=True, dtype=values.dtype)
+        return jax.ops.segment_sum(values, self.ids, self.groups + 1)[: self.groups]
+
+    def max(self, values: Array) -> Array:
+        """Per-group maxima of per-leaf non-negative `values`; NaN propagates."""
+        if self.is_identity():
+            return values
+        out = []
+        for g in range(self.groups):
+            idx = np.flatnonzero(self.ids == g)
+            out.append(jnp.max(values[idx], initial=0) if idx.size else jnp.zeros((), values.dtype))
+        return jnp.stack(out) if out else jnp.zeros((0,), values.dtype)
+
+    def sizes(self, leaf_sizes: Sequence[int]) -> np.ndarray:
+        """Static entry counts per group."""
+        counts = np.zeros(self.groups + 1, np.int64)
+        np.add.at(counts, self.ids, np.asarray(leaf_sizes, np.int64))
+        return counts[: self.groups]
+
+
+class Norms(NamedTuple):
+    """What `norms` computes: per segmentation, the group norms; and non-finite counts."""
+
+    norms: list[Array]
+    nonfinite: list[Array] | None
+
+
+def norms(
+    leaves: Sequence[Array],
+    segments: Sequence[Segments],
+    *,
+    axis_name: AxisName = None,
+    nonfinite: bool = False,
+    matrices: list[Array] | None = None,
+    plan: Layout | None = None,
+) -> Norms:
+    """L2 norms of groups of leaves, exact for every finite input; one read when ordinary.
+
+    `segments[0]` must hold every leaf (its total decides the branch). With
+    `nonfinite=True` the NaN/inf entries of each group are counted too (zeros without
+    reading the gradient again when the sum of squares is finite).
+    """
+    leaves = [jnp.asarray(x) for x in leaves]
+    acc = accumulation_dtype(x.dtype for x in leaves)
+    sizes = [x.size for x in leaves]
+    plan = plan or layout(sizes)
+    if matrices is None:
+        matrices = rows(magnitudes(leaves, acc), plan)
+    sq = per_leaf(matrices, plan, _square, jnp.sum)
+    sums = psum([seg.sum(sq) for seg in segments], axis_name)
+    counting = count_dtype(int(sum(sizes)) * axis_size(axis_name))
+
+    def ordinary(matrices: list[Array]) -> Norms:
+        counts = [jnp.zeros(seg.groups, counting) for seg in segments] if nonfinite else None
+        return Norms([safe_sqrt(s) for s in sums], counts)
+
+    def rescued(matrices: list[Array]) -> Norms:
+        return _rescued(matrices, plan, segments, sq, axis_name, nonfinite, counting)
+
+    if not leaves:
+        return ordinary(matrices)
+    return jax.lax.cond(jnp.isfinite(sums[0][0]), ordinary, rescued, matrices)
+
+
+def _rescued(
+    matrices: list[Array],
+    plan: Layout,
+    segments: Sequence[Segments],
+    sq: Array,
+    axis_name: AxisName,
+    nonfinite: bool,
+    counting: np.dtype,
+) -> Norms:
+    """The rare branch: norms as `M * sqrt(sum((x / M)**2))`, per leaf then per group."""
+    big = per_leaf(matrices, plan, lambda m: m, _max)
+    usable = jnp.isfinite(big) & (big > 0)
+    scale = jnp.where(usable, big, 1)
+    scaled = [
+        m / scale[np.asarray(idx)][:, None]
+        for m, (_, idx) in zip(matrices, plan.pieces, strict=True)
+    ]
+    inner = per_leaf(scaled, plan, _square, jnp.sum)
+    # A leaf holding NaN or inf keeps its plain (non-finite) sum and scale 1.
+    inner = jnp.where(usable | (big == 0), inner, sq)
+    out = []
+    for seg in segments:
+        top = seg.max(jnp.where(usable, scale, 0))
+        if axis_name is not None:
+            top = jax.lax.pmax(top, axis_name)
+        top_of_leaf = jnp.concatenate([top, jnp.ones(1, top.dtype)])[seg.ids]
+        ratio = jnp.where(usable, scale / jnp.where(top_of_leaf > 0, top_of_leaf, 1), 1)
+        total = psum(seg.sum(ratio * ratio * inner), axis_name)
+        out.append(jnp.where(top > 0, top, 1) * safe_sqrt(total))
+    counts = None
+    if nonfinite:
+        bad = per_leaf(matrices, plan, lambda m: m, _count_nonfinite(counting))
+        counts = psum([seg.sum(bad) for seg in segments], axis_name)
+    return Norms(out, counts)
+
+
+def global_norm(leaves: Sequence[Array], *, axis_name: AxisName = None) -> Array:
+    """The L2 norm of all entries of `leaves` (0-d), exact for every finite input."""
+    return norms(leaves, [Segments.whole(len(leaves))], axis_name=axis_name).norms[0][0]
+
+
+def rms(norm: Array, entries: Any, axis_name: AxisName) -> Array:
+    """`norm / sqrt(N)`, with `N` the static entry count(s) over all shards; 0 for none."""
+    n = np.asarray(entries, np.float64) * axis_size(axis_name)
+    return norm / jnp.asarray(np.sqrt(np.where(n > 0, n, 1)), norm.dtype)
+
+
+def tree_leaves(tree: PyTree) -> list[Array]:
+    """`jax.tree.leaves(tree)` as arrays."""
+    return [jnp.asarray(x) for x in jax.tree.leaves(tree)]
