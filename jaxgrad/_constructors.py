@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.core import Tracer
 from jax.sharding import PartitionSpec, Sharding
 
@@ -33,17 +34,81 @@ def _nnx_module_type() -> type | None:
     return nnx.Module
 
 
-def _is_layered(model: Any) -> bool:
-    """Paysage's model protocol: `layers` and `weights` sequences of objects with `params`."""
+_LAYOUTS = (
+    "a paysage model (`model.layers[i].params` with `model.weights[i].params`, as in "
+    "paysage 0.2, or with `model.connections[i].weights.params`, as in later paysage)"
+)
+
+
+def _looks_layered(model: Any) -> bool:
+    """Whether `model` claims paysage's protocol: it has `layers` or `connections`."""
     if isinstance(model, Gradient):
         return False
-    layers = getattr(model, "layers", None)
-    weights = getattr(model, "weights", None)
-    return (
-        isinstance(layers, Sequence)
-        and isinstance(weights, Sequence)
-        and all(hasattr(item, "params") for item in (*layers, *weights))
-    )
+    return hasattr(model, "layers") or hasattr(model, "connections")
+
+
+def _item_params(name: str, items: Any, attrs: tuple[str, ...]) -> list[Any] | str:
+    """`item.<attrs>` for each item of the sequence `items`, or a phrase saying what is missing."""
+    if not isinstance(items, Sequence) or isinstance(items, str):
+        return f"`{name}` is a {type(items).__name__}, not a list or tuple"
+    found = []
+    for i, item in enumerate(items):
+        value, at = item, f"{name}[{i}]"
+        for attr in attrs:
+            if not hasattr(value, attr):
+                return f"`{at}` has no `{attr}`"
+            value, at = getattr(value, attr), f"{at}.{attr}"
+        found.append(value)
+    return found
+
+
+def _layered_params(model: Any) -> Gradient | str:
+    """The parameters of a paysage model as a `Gradient`, or a phrase saying what it lacks.
+
+    Two layouts: `layers[i].params` with `weights[i].params` (paysage 0.2), and
+    `layers[i].params` with `connections[i].weights.params` (later paysage); either way
+    the result has one `layers` entry per layer and one `weights` entry per weight group
+    or connection.
+    """
+    if not hasattr(model, "layers"):
+        return "`model` has no `layers`"
+    layers = _item_params("model.layers", model.layers, ("params",))
+    if isinstance(layers, str):
+        return layers
+    weights: list[Any] | str = "`model` has neither `weights` nor `connections`"
+    if hasattr(model, "weights"):
+        weights = _item_params("model.weights", model.weights, ("params",))
+    if isinstance(weights, str) and hasattr(model, "connections"):
+        weights = _item_params("model.connections", model.connections, ("weights", "params"))
+    if isinstance(weights, str):
+        return weights
+    return Gradient(layers=layers, weights=weights)
+
+
+def _is_opaque(model: Any) -> bool:
+    """Whether JAX sees `model` as a single leaf that is not an array (a plain object)."""
+    return jax.tree_util.treedef_is_leaf(jax.tree.structure(model)) and _leaf_dtype(model) is None
+
+
+def _layout_error(model: Any, expected: str, problem: str) -> TypeError:
+    return TypeError(f"`model` must be {expected}; got a {type(model).__name__}, and {problem}.")
+
+
+def _leaf_dtype(leaf: Any) -> Any:
+    """The dtype of an array-like leaf (an array, a numpy or Python scalar), else `None`."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and hasattr(leaf, "shape"):
+        return dtype
+    if isinstance(leaf, (bool, int, float, complex)):
+        return jnp.result_type(leaf)
+    return None
+
+
+def _is_key(dtype: Any) -> bool:
+    """Whether `dtype` is a PRNG key dtype (`jax.random.key`); numpy dtypes never are."""
+    if dtype is None or isinstance(dtype, np.dtype):
+        return False
+    return jnp.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def parameters(model: Any) -> PyTree:
@@ -53,11 +118,13 @@ def parameters(model: Any) -> PyTree:
         from flax import nnx
 
         return nnx.state(model, nnx.Param)
-    if _is_layered(model):
-        return Gradient(
-            layers=[layer.params for layer in model.layers],
-            weights=[weight.params for weight in model.weights],
-        )
+    if _looks_layered(model):
+        found = _layered_params(model)
+        if isinstance(found, Gradient):
+            return found
+        if _is_opaque(model):
+            expected = f"a pytree of arrays, an `nnx.Module` or {_LAYOUTS}"
+            raise _layout_error(model, expected, found)
     check_array_leaves("model", model)
     return model
 
@@ -69,9 +136,11 @@ def zero_grad(model: Any) -> PyTree:
 
     * a pytree of arrays (dict, list, `Gradient`, linen params, optax updates): the
       result has its structure, shapes and dtypes;
-    * a layered model in paysage's style (an object with `layers` and `weights`
-      sequences whose items carry a `params` pytree): the result is
-      `Gradient([zeros_like(l.params), ...], [zeros_like(w.params), ...])`;
+    * a paysage model, in either of paysage's layouts: `model.layers[i].params` with
+      `model.weights[i].params` (paysage 0.2), or `model.layers[i].params` with
+      `model.connections[i].weights.params` (later paysage). The result is
+      `Gradient([zeros_like(l.params), ...], [zeros_like(w.params), ...])`, one `weights`
+      entry per weight group or connection;
     * a Flax `nnx.Module`: the result is an `nnx.State` with exactly the structure
       `nnx.grad` returns for it (only `nnx.Param` variables: no batch statistics, no
       RNG state).
@@ -80,13 +149,15 @@ def zero_grad(model: Any) -> PyTree:
     auto mesh axes: there XLA places arrays that depend on no input).
 
     Args:
-        model: a pytree of arrays, a layered model, or an `nnx.Module`.
+        model: a pytree of arrays, a paysage model, or an `nnx.Module`.
 
     Returns:
         A pytree of zeros.
 
     Raises:
-        TypeError: if a leaf of a pytree `model` is not an array (the message names it).
+        TypeError: if a leaf of a pytree `model` is not an array (the message names
+            its key path), if `model` is a plain object that fits neither
+            paysage layout (the message names the missing attribute).
 
     Example:
         >>> jaxgrad.zero_grad({"w": jnp.ones((2, 2)), "b": jnp.ones(2, jnp.bfloat16)})
@@ -140,7 +211,7 @@ def random_grad(
     values are the same, but every device computes whole leaves.
 
     Args:
-        model: a pytree of arrays, a layered model, or an `nnx.Module` (see `zero_grad`).
+        model: a pytree of arrays, a paysage model, or an `nnx.Module` (see `zero_grad`).
         key: a `jax.random` key (`jax.random.key(0)` or `jax.random.PRNGKey(0)`).
         sampler: a function `(key, shape, dtype) -> array`.
         out_shardings: `None` (the default placement), a `Sharding` for all leaves, or
@@ -262,35 +333,54 @@ def _check_key(key: Any) -> None:
 def null_grad(model: Any) -> Gradient:
     """A `Gradient` with one empty list per layer and per weight group: no leaves.
 
-    As in paysage, this is a placeholder with the layout of a layered model and nothing
-    in it, e.g. to be filled layer by layer with `replace`. It is defined for layered
-    models (see `zero_grad`) and for `Gradient`s whose fields are sequences; other
-    pytrees have no layers to mirror, so they raise (use `zero_grad`, or
-    `jax.tree.map(lambda _: None, tree)` for an empty tree of the same layout).
+    As in paysage, this is a placeholder with the layout of a paysage model and nothing
+    in it, e.g. to be filled layer by layer with `replace`. It is defined for paysage
+    models in either layout (see `zero_grad`; with `connections`, one `weights` entry per
+    connection) and for `Gradient`s whose fields are sequences; other pytrees have no
+    layers to mirror, so they raise (use `zero_grad`, or `jax.tree.map(lambda _: None,
+    tree)` for an empty tree of the same layout).
 
     Args:
-        model: a layered model, or a `Gradient` whose `layers` and `weights` are
+        model: a paysage model, or a `Gradient` whose `layers` and `weights` are
             sequences.
 
     Returns:
         `Gradient(layers=[[], ...], weights=[[], ...])`.
 
     Raises:
-        TypeError: for any other input.
+        TypeError: for any other input; for an object that fits neither paysage layout
+            the message names the missing attribute, and it suggests `zero_grad` only
+            where `zero_grad` accepts `model`.
 
     Example:
         >>> g = jaxgrad.Gradient([jnp.zeros(2), jnp.zeros(3)], [jnp.zeros((2, 3))])
         >>> jaxgrad.null_grad(g)
         Gradient(layers=[[], []], weights=[[]])
     """
-    if _is_layered(model) or (
-        isinstance(model, Gradient)
-        and isinstance(model.layers, Sequence)
-        and isinstance(model.weights, Sequence)
-    ):
-        return Gradient(layers=[[] for _ in model.layers], weights=[[] for _ in model.weights])
-    raise TypeError(
-        "`model` must be a layered model (with `layers` and `weights` sequences of "
-        "objects with `params`) or a `Gradient` with sequence fields; got "
-        f"{type(model).__name__}. Use `zero_grad` for other pytrees."
-    )
+    if isinstance(model, Gradient):
+        if isinstance(model.layers, Sequence) and isinstance(model.weights, Sequence):
+            return Gradient(layers=[[] for _ in model.layers], weights=[[] for _ in model.weights])
+    elif _looks_layered(model):
+        found = _layered_params(model)
+        if isinstance(found, Gradient):
+            return Gradient(layers=[[] for _ in found.layers], weights=[[] for _ in found.weights])
+        if _is_opaque(model):
+            raise _layout_error(model, _NULL_EXPECTED, found)
+    got = f"a {type(model).__name__}"
+    if isinstance(model, Gradient):
+        field = "layers" if not isinstance(model.layers, Sequence) else "weights"
+        got += f" whose `{field}` is a {type(getattr(model, field)).__name__}"
+    hint = " Use `zero_grad` for other pytrees." if _zero_grad_accepts(model) else ""
+    raise TypeError(f"`model` must be {_NULL_EXPECTED}; got {got}.{hint}")
+
+
+_NULL_EXPECTED = f"{_LAYOUTS} or a `Gradient` whose fields are sequences"
+
+
+def _zero_grad_accepts(model: Any) -> bool:
+    """Whether `zero_grad(model)` returns (so that an error may point to it)."""
+    module_type = _nnx_module_type()
+    if module_type is not None and isinstance(model, module_type):
+        return True
+    dtypes = [_leaf_dtype(x) for x in jax.tree.leaves(model)]
+    return all(dtype is not None and not _is_key(dtype) for dtype in dtypes)

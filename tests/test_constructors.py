@@ -36,6 +36,26 @@ def _rbm(num_visible=4, num_hidden=3, dtype=jnp.float32):
     )
 
 
+@dataclasses.dataclass
+class Connection:
+    """Later paysage: a connection carries a weights layer, which carries `params`."""
+
+    weights: Layer
+
+
+@dataclasses.dataclass
+class ConnectedModel:
+    """Later paysage's model protocol: layers and connections."""
+
+    layers: Any
+    connections: Any
+
+
+def _connected_rbm(num_visible=4, num_hidden=3, dtype=jnp.float32):
+    rbm = _rbm(num_visible, num_hidden, dtype)
+    return ConnectedModel(layers=rbm.layers, connections=[Connection(w) for w in rbm.weights])
+
+
 class _Net(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
         self.embed = nnx.Embed(10, 4, rngs=rngs)
@@ -69,6 +89,56 @@ def test_zero_grad_of_layered_model_is_a_gradient():
         == "Gradient(layers=[{'bias': bf16[4]}, {'bias': bf16[3]}], weights=[{'W': bf16[4,3]}])"
     )
     assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(out))
+
+
+def test_zero_grad_of_later_paysage_layout_is_a_gradient(dtype):
+    out = jg.zero_grad(_connected_rbm(dtype=dtype))
+    assert isinstance(out, jg.Gradient)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, jg.zero_grad(_rbm(dtype=dtype)))
+    assert len(out.layers) == 2 and len(out.weights) == 1  # one entry per connection
+    assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(out))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        LayeredModel(layers={"v": Layer(jnp.ones(2))}, weights=[]),
+        LayeredModel(layers=[Layer(jnp.ones(2)), object()], weights=[]),
+        LayeredModel(layers=[Layer(jnp.ones(2))], weights=[object()]),
+        ConnectedModel(layers=[Layer(jnp.ones(2))], connections=[Layer(jnp.ones(2))]),
+        ConnectedModel(layers=[Layer(jnp.ones(2))], connections=[Connection(object())]),  # type: ignore[arg-type]
+        Layer(params=jnp.ones(2)),
+    ],
+    ids=[
+        "layers-dict",
+        "layer-without-params",
+        "weight-without-params",
+        "connection-without-weights",
+        "weights-without-params",
+        "no-layers",
+    ],
+)
+def test_model_fitting_no_layout_names_both_and_what_is_missing(model, request):
+    missing = {
+        "layers-dict": r"`model\.layers` is a dict, not a list or tuple",
+        "layer-without-params": r"`model\.layers\[1\]` has no `params`",
+        "weight-without-params": r"`model\.weights\[0\]` has no `params`",
+        "connection-without-weights": r"`model\.connections\[0\]` has no `weights`",
+        "weights-without-params": r"`model\.connections\[0\]\.weights` has no `params`",
+        "no-layers": "",
+    }[request.node.callspec.id]
+    both = (
+        r"`model\.layers\[i\]\.params` with `model\.weights\[i\]\.params`, as in paysage 0\.2, "
+        r"or with `model\.connections\[i\]\.weights\.params`, as in later paysage\)"
+    )
+    for fn in (jg.zero_grad, lambda m: jg.random_grad(m, jax.random.key(0)), jg.null_grad):
+        if not missing:  # no `layers` at all: not a paysage model, a plain object
+            with pytest.raises(TypeError, match=r"at the root it has a Layer|got a Layer\.$"):
+                fn(model)
+            continue
+        with pytest.raises(TypeError, match=rf"{both}.*; got a \w+, and {missing}\.$") as info:
+            fn(model)
+        assert "zero_grad" not in str(info.value)
 
 
 def test_zero_grad_of_nnx_module_matches_nnx_grad():
@@ -180,6 +250,12 @@ def test_random_grad_rejects_bad_keys(key, shown):
         jg.random_grad({"w": jnp.zeros(2)}, key)
 
 
+def test_random_grad_of_later_paysage_layout(dtype):
+    g = jg.random_grad(_connected_rbm(dtype=dtype), jax.random.key(0))
+    assert isinstance(g, jg.Gradient)
+    chex.assert_trees_all_equal(g, jg.random_grad(_rbm(dtype=dtype), jax.random.key(0)))
+
+
 def test_random_grad_rejects_non_callable_sampler():
     with pytest.raises(TypeError, match="`sampler` must be callable"):
         jg.random_grad({"w": jnp.zeros(2)}, jax.random.key(0), sampler="normal")  # type: ignore[arg-type]
@@ -211,13 +287,41 @@ def test_null_grad_of_gradient_mirrors_its_layout():
     assert jg.grad_norm(out) == 0.0
 
 
+def test_null_grad_of_later_paysage_layout_has_one_entry_per_connection():
+    model = _connected_rbm()
+    model.connections.append(Connection(Layer({"W": jnp.ones((3, 3))})))
+    out = jg.null_grad(model)
+    assert isinstance(out, jg.Gradient)
+    assert (out.layers, out.weights) == ([[], []], [[], []])
+
+
 @pytest.mark.parametrize(
-    "model",
-    [{"w": jnp.ones(2)}, jnp.ones(3), jg.Gradient({"a": 1.0}, [])],
+    ("model", "got"),
+    [
+        ({"w": jnp.ones(2)}, "a dict"),
+        (jnp.ones(3), "a ArrayImpl"),
+        (jg.Gradient({"a": 1.0}, []), "a Gradient whose `layers` is a dict"),
+    ],
     ids=["dict", "array", "gradient-with-dict"],
 )
-def test_null_grad_rejects_other_inputs(model):
+def test_null_grad_rejects_other_inputs(model, got):
     with pytest.raises(
-        TypeError, match=r"`model` must be a layered model .*Use `zero_grad` for other pytrees\."
+        TypeError,
+        match=r"`model` must be a paysage model \(.*\) or a `Gradient` whose fields are sequences; "
+        rf"got {got}\. Use `zero_grad` for other pytrees\.",
     ):
         jg.null_grad(model)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [object(), {"name": "dense"}],
+    ids=["object", "str-leaf"],
+)
+def test_null_grad_sends_to_zero_grad_only_where_it_works(model):
+    with pytest.raises(
+        TypeError, match=r"or a `Gradient` whose fields are sequences; got a \w+\.$"
+    ):
+        jg.null_grad(model)
+    with pytest.raises(TypeError):
+        jg.zero_grad(model)
