@@ -129,7 +129,7 @@ def parameters(model: Any) -> PyTree:
     return model
 
 
-def zero_grad(model: Any) -> PyTree:
+def zero_grad(model: Any, *, dtype: DTypeLike | None = None) -> PyTree:
     """A gradient of zeros shaped like the trainable parameters of `model`.
 
     `model` may be:
@@ -145,11 +145,17 @@ def zero_grad(model: Any) -> PyTree:
       `nnx.grad` returns for it (only `nnx.Param` variables: no batch statistics, no
       RNG state).
 
+    With `dtype`, every leaf's zeros have that dtype instead of the leaf's, as in
+    `optax.tree_utils.tree_zeros_like(tree, dtype)`. Integer and boolean leaves give
+    zeros of their dtype.
+
     Zeros of a sharded array get its sharding (not inside your own `jax.jit` with
     auto mesh axes: there XLA places arrays that depend on no input).
 
     Args:
         model: a pytree of arrays, a paysage model, or an `nnx.Module`.
+        dtype: the dtype of every leaf of the result; `None` (the default) keeps each
+            leaf's dtype.
 
     Returns:
         A pytree of zeros.
@@ -157,24 +163,41 @@ def zero_grad(model: Any) -> PyTree:
     Raises:
         TypeError: if a leaf of a pytree `model` is not an array (the message names
             its key path), if `model` is a plain object that fits neither
-            paysage layout (the message names the missing attribute).
+            paysage layout (the message names the missing attribute), or if `dtype` is
+            not a dtype.
 
     Example:
         >>> jaxgrad.zero_grad({"w": jnp.ones((2, 2)), "b": jnp.ones(2, jnp.bfloat16)})
         {'b': Array([0, 0], dtype=bfloat16), 'w': Array([[0., 0.],
                [0., 0.]], dtype=float32)}
+        >>> jaxgrad.zero_grad({"w": jnp.ones(2), "n": jnp.ones(2, jnp.int32)}, dtype=jnp.bfloat16)
+        {'n': Array([0, 0], dtype=bfloat16), 'w': Array([0, 0], dtype=bfloat16)}
     """
+    dtype = _check_dtype(dtype)
     params = parameters(model)
     if jax.device_count() > 1 and _has_sharded_leaf(params):
         # Op by op, each zero array takes the sharding of its leaf; one compiled call
         # would not (the zeros read nothing from `params`, so XLA would replicate them).
-        return jax.tree.map(jnp.zeros_like, params)
-    return _zeros_like(params)
+        return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype), params)
+    return _zeros_like(params, dtype=dtype)
 
 
-@compiled()
-def _zeros_like(params: PyTree) -> PyTree:
-    return jax.tree.map(jnp.zeros_like, params)
+def _check_dtype(dtype: Any) -> Any:
+    """`dtype` as a `numpy.dtype` (hashable, for a static argument), or `None`."""
+    if dtype is None:
+        return None
+    try:
+        return jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(
+            f"`dtype` must be a dtype such as `jnp.float32`, or None; got "
+            f"{type(dtype).__name__} {dtype!r:.60}."
+        ) from None
+
+
+@compiled(static_argnames=("dtype",))
+def _zeros_like(params: PyTree, dtype: Any = None) -> PyTree:
+    return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype), params)
 
 
 def _has_sharded_leaf(tree: PyTree) -> bool:

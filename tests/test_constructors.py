@@ -141,6 +141,34 @@ def test_model_fitting_no_layout_names_both_and_what_is_missing(model, request):
         assert "zero_grad" not in str(info.value)
 
 
+def test_zero_grad_dtype_matches_optax(tree_kind, dtype):
+    tree = make_tree(tree_kind)
+    if tree_kind == "dict":
+        tree["n"] = jnp.arange(3)  # an integer leaf gets `dtype` too
+    out = jg.zero_grad(tree, dtype=dtype)
+    expected = otu.tree_zeros_like(tree, dtype)
+    assert jax.tree.structure(out) == jax.tree.structure(expected)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, expected)
+    assert all(x.dtype == dtype for x in jax.tree.leaves(out))
+    chex.assert_trees_all_equal(out, expected)
+
+
+def test_zero_grad_dtype_under_jit_and_for_models(dtype):
+    out = jax.jit(lambda t: jg.zero_grad(t, dtype=dtype))({"w": jnp.ones(3, jnp.int8)})
+    assert out["w"].dtype == dtype
+    layered = jg.zero_grad(_connected_rbm(), dtype=dtype)
+    assert all(x.dtype == dtype for x in jax.tree.leaves(layered))
+    state = jg.zero_grad(_Net(nnx.Rngs(0)), dtype=dtype)
+    assert type(state) is nnx.State and all(x.dtype == dtype for x in jax.tree.leaves(state))
+
+
+def test_zero_grad_rejects_a_non_dtype():
+    with pytest.raises(
+        TypeError, match=r"`dtype` must be a dtype such as `jnp\.float32`, or None; got str 'f33'\."
+    ):
+        jg.zero_grad({"w": jnp.ones(2)}, dtype="f33")
+
+
 def test_zero_grad_of_nnx_module_matches_nnx_grad():
     model = _Net(nnx.Rngs(0))
     expected = nnx.grad(lambda m: jnp.sum(m(jnp.array([[1, 2, 3, 4]]))))(model)
