@@ -129,6 +129,19 @@ def parameters(model: Any) -> PyTree:
     return model
 
 
+def _check_no_keys(params: PyTree) -> None:
+    """Raise `TypeError` at the first PRNG-key leaf: a key has no gradient."""
+    if not any(_is_key(_leaf_dtype(x)) for x in jax.tree.leaves(params)):
+        return
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if _is_key(_leaf_dtype(leaf)):
+            raise TypeError(
+                f"`model` must be a pytree of numeric arrays; at {where(path)} it has the "
+                f"PRNG key {describe_leaf(leaf)}, which has no gradient. Leave keys out of "
+                "the tree (an `nnx.Module` is reduced to its `nnx.Param`s already)."
+            )
+
+
 def zero_grad(model: Any, *, dtype: DTypeLike | None = None) -> PyTree:
     """A gradient of zeros shaped like the trainable parameters of `model`.
 
@@ -147,7 +160,7 @@ def zero_grad(model: Any, *, dtype: DTypeLike | None = None) -> PyTree:
 
     With `dtype`, every leaf's zeros have that dtype instead of the leaf's, as in
     `optax.tree_utils.tree_zeros_like(tree, dtype)`. Integer and boolean leaves give
-    zeros of their dtype.
+    zeros of their dtype; PRNG-key leaves have no gradient and are refused.
 
     Zeros of a sharded array get its sharding (not inside your own `jax.jit` with
     auto mesh axes: there XLA places arrays that depend on no input).
@@ -161,8 +174,8 @@ def zero_grad(model: Any, *, dtype: DTypeLike | None = None) -> PyTree:
         A pytree of zeros.
 
     Raises:
-        TypeError: if a leaf of a pytree `model` is not an array (the message names
-            its key path), if `model` is a plain object that fits neither
+        TypeError: if a leaf of a pytree `model` is not an array or is a PRNG key (the
+            message names its key path), if `model` is a plain object that fits neither
             paysage layout (the message names the missing attribute), or if `dtype` is
             not a dtype.
 
@@ -175,6 +188,7 @@ def zero_grad(model: Any, *, dtype: DTypeLike | None = None) -> PyTree:
     """
     dtype = _check_dtype(dtype)
     params = parameters(model)
+    _check_no_keys(params)
     if jax.device_count() > 1 and _has_sharded_leaf(params):
         # Op by op, each zero array takes the sharding of its leaf; one compiled call
         # would not (the zeros read nothing from `params`, so XLA would replicate them).
@@ -223,6 +237,12 @@ def random_grad(
     `sampler=jax.random.normal` (or any function of that signature) for another law.
     The same key gives the same values; there is no global random state.
 
+    Every leaf must be floating-point (complex too, with a sampler that draws complex
+    numbers such as `jax.random.normal`): integer, boolean and PRNG-key leaves have no
+    random gradient and are refused. `sampler` must return exactly the shape and dtype
+    it is given; that is checked on its result (a static check, so the sampler runs
+    once per leaf).
+
     With `out_shardings` (one `jax.sharding.Sharding` for every leaf, or a tree of them
     with the structure of `zero_grad(model)`) the values are generated already sharded,
     each device computing only its own shards, and they are the same numbers as without
@@ -245,9 +265,12 @@ def random_grad(
 
     Raises:
         TypeError: if `key` is not a PRNG key, `sampler` is not callable, a leaf of
-            `model` is not an array, or a leaf of `out_shardings` is not a `Sharding`.
-        ValueError: if `out_shardings` has another structure than `zero_grad(model)`,
-            or a sharding does not fit the shape of its leaf (the message names it).
+            `model` is not a floating-point array, `sampler` returns another dtype than
+            it is given or no array, or a leaf of `out_shardings` is not a `Sharding`
+            (the message names the key path).
+        ValueError: if `sampler` returns another shape than it is given, `out_shardings`
+            has another structure than `zero_grad(model)`, or a sharding does not fit
+            the shape of its leaf (the message names the key path).
 
     Example:
         >>> g = jaxgrad.random_grad({"w": jnp.zeros((2, 3))}, jax.random.key(0))
@@ -262,6 +285,7 @@ def random_grad(
     check_callable("sampler", sampler)
     _check_key(key)
     params = parameters(model)
+    _check_inexact(params, sampler)
     if out_shardings is not None:
         shardings = _check_shardings(out_shardings, params)
         leaves, treedef = jax.tree.flatten(params)
@@ -273,12 +297,77 @@ def random_grad(
     return _random_like(params, key, sampler)
 
 
+def _check_inexact(params: PyTree, sampler: Sampler) -> None:
+    """Raise `TypeError` at the first leaf that `sampler` cannot fill with random values.
+
+    Integer, boolean and PRNG-key leaves have no random gradient, and
+    `jax.random.uniform` draws only real numbers.
+    """
+    real_only = sampler is jax.random.uniform
+    wanted = jnp.floating if real_only else jnp.inexact
+
+    def fits(leaf: Any) -> bool:
+        dtype = _leaf_dtype(leaf)
+        return dtype is not None and not _is_key(dtype) and jnp.issubdtype(dtype, wanted)
+
+    if all(map(fits, jax.tree.leaves(params))):  # the fast path: no key paths
+        return
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if fits(leaf):
+            continue
+        dtype = _leaf_dtype(leaf)
+        scalar = isinstance(leaf, (bool, int, float, complex))
+        found = describe_leaf(jnp.asarray(leaf) if scalar else leaf)
+        if real_only and dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(
+                f"`sampler=jax.random.uniform` draws real numbers, but at {where(path)} "
+                f"`model` has the complex leaf {found}; pass `sampler=jax.random.normal`."
+            )
+        raise TypeError(
+            f"`model` must have floating-point leaves to be filled with random values; at "
+            f"{where(path)} it has {found}. Leave integer, boolean and PRNG-key leaves out "
+            "of the tree, or cast them first."
+        )
+
+
+def _sample(
+    sampler: Sampler, key: Array, shape: tuple[int, ...], dtype: Any, treedef: Any, index: int
+) -> Array:
+    """`sampler(key, shape, dtype)`, checked to have that shape and dtype.
+
+    The check reads only the result's shape and dtype (static, also under `jax.jit`), so
+    the sampler runs once per leaf and nothing is computed twice.
+    """
+    value = sampler(key, shape, dtype)
+    got_shape, got_dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if got_shape is not None and tuple(got_shape) == shape and got_dtype == dtype:
+        return value
+    at = where(_leaf_path(treedef, index))
+    expected = describe_leaf(jax.ShapeDtypeStruct(shape, dtype))
+    if got_shape is None or got_dtype is None:
+        raise TypeError(
+            f"`sampler` must return an array; for the leaf at {at} ({expected}) it returned "
+            f"a {type(value).__name__}."
+        )
+    error = ValueError if tuple(got_shape) != shape else TypeError
+    raise error(
+        f"`sampler` must return an array of the shape and dtype it is given; for the leaf "
+        f"at {at} it was given {expected} and returned {describe_leaf(value)}."
+    )
+
+
+def _leaf_path(treedef: Any, index: int) -> tuple[Any, ...]:
+    """The key path of leaf number `index` of `treedef` (for error messages only)."""
+    numbered = jax.tree.unflatten(treedef, range(treedef.num_leaves))
+    return jax.tree_util.tree_flatten_with_path(numbered)[0][index][0]
+
+
 def _random_like(params: PyTree, key: Array, sampler: Sampler) -> PyTree:
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves)) if leaves else []
     values = [
-        sampler(k, tuple(jnp.shape(x)), jnp.result_type(x))
-        for k, x in zip(keys, leaves, strict=True)
+        _sample(sampler, k, tuple(jnp.shape(x)), jnp.result_type(x), treedef, i)
+        for i, (k, x) in enumerate(zip(keys, leaves, strict=True))
     ]
     return jax.tree.unflatten(treedef, values)
 
@@ -294,7 +383,10 @@ def _random_from_spec(
 ) -> PyTree:
     """`_random_like` from shapes and dtypes only: the same subkeys, the same numbers."""
     keys = jax.random.split(key, len(spec)) if spec else []
-    values = [sampler(k, shape, dtype) for k, (shape, dtype) in zip(keys, spec, strict=True)]
+    values = [
+        _sample(sampler, k, shape, dtype, treedef, i)
+        for i, (k, (shape, dtype)) in enumerate(zip(keys, spec, strict=True))
+    ]
     return jax.tree.unflatten(treedef, values)
 
 

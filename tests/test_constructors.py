@@ -1,4 +1,5 @@
 import dataclasses
+import re
 from typing import Any
 
 import chex
@@ -169,6 +170,16 @@ def test_zero_grad_rejects_a_non_dtype():
         jg.zero_grad({"w": jnp.ones(2)}, dtype="f33")
 
 
+def test_zero_grad_rejects_prng_key_leaves():
+    tree = {"w": jnp.ones(2), "rng": [jax.random.key(0)]}
+    with pytest.raises(
+        TypeError,
+        match=r"`model` must be a pytree of numeric arrays; at \['rng'\]\[0\] it has the PRNG key "
+        r"key<fry>\[\], which has no gradient\.",
+    ):
+        jg.zero_grad(tree)
+
+
 def test_zero_grad_of_nnx_module_matches_nnx_grad():
     model = _Net(nnx.Rngs(0))
     expected = nnx.grad(lambda m: jnp.sum(m(jnp.array([[1, 2, 3, 4]]))))(model)
@@ -284,6 +295,98 @@ def test_random_grad_of_later_paysage_layout(dtype):
     chex.assert_trees_all_equal(g, jg.random_grad(_rbm(dtype=dtype), jax.random.key(0)))
 
 
+@pytest.mark.parametrize(
+    ("leaf", "shown"),
+    [
+        (jnp.arange(3), r"i32\[3\]"),
+        (jnp.array([True, False]), r"bool\[2\]"),
+        (7, r"i32\[\]"),
+        (jax.random.key(0), r"key<fry>\[\]"),
+    ],
+    ids=["int", "bool", "python-int", "prng-key"],
+)
+@pytest.mark.parametrize(
+    "sampler", [jax.random.uniform, jax.random.normal], ids=["uniform", "normal"]
+)
+def test_random_grad_rejects_leaves_that_are_not_floating(leaf, shown, sampler, maybe_jit):
+    tree = {"w": jnp.zeros(2), "x": [leaf]}
+    with pytest.raises(
+        TypeError,
+        match=r"`model` must have floating-point leaves to be filled with random values; at "
+        rf"\['x'\]\[0\] it has {shown}\. Leave integer, boolean and PRNG-key leaves out",
+    ):
+        maybe_jit(lambda t: jg.random_grad(t, jax.random.key(0), sampler=sampler))(tree)
+
+
+def test_random_grad_complex_leaves_need_a_complex_sampler():
+    tree = {"z": jnp.zeros(3, jnp.complex64)}
+    with pytest.raises(
+        TypeError,
+        match=r"`sampler=jax\.random\.uniform` draws real numbers, but at \['z'\] `model` has the "
+        r"complex leaf c64\[3\]; pass `sampler=jax\.random\.normal`\.",
+    ):
+        jg.random_grad(tree, jax.random.key(0))
+    out = jg.random_grad(tree, jax.random.key(0), sampler=jax.random.normal)
+    assert out["z"].dtype == jnp.complex64 and bool(jnp.any(out["z"].imag != 0))
+
+
+def _ignores_dtype(key, shape, dtype):
+    return jax.random.normal(key, shape)  # always float32
+
+
+def _scalar(key, shape, dtype):
+    return jax.random.normal(key, (), dtype)
+
+
+_SHORT = {jnp.float32: "f32", jnp.bfloat16: "bf16", jnp.float16: "f16"}
+
+
+def _sampler_message(given: str, returned: str) -> str:
+    return re.escape(
+        f"`sampler` must return an array of the shape and dtype it is given; for the leaf at "
+        f"['a'] it was given {given} and returned {returned}."
+    )
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["default", "out_shardings"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+def test_random_grad_sampler_that_ignores_dtype_is_a_type_error(sharded, dtype):
+    tree = {"a": jnp.zeros((2, 3), dtype), "b": [jnp.zeros((2, 3), dtype)]}
+    shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharded else None
+    with pytest.raises(TypeError, match=_sampler_message(f"{_SHORT[dtype]}[2,3]", "f32[2,3]")):
+        jg.random_grad(tree, jax.random.key(0), sampler=_ignores_dtype, out_shardings=shardings)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["default", "out_shardings"])
+def test_random_grad_sampler_that_returns_a_scalar_is_a_value_error(sharded, dtype):
+    tree = {"a": jnp.zeros((2, 3), dtype), "b": [jnp.zeros((2, 3), dtype)]}
+    shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharded else None
+    short = _SHORT[dtype]
+    with pytest.raises(ValueError, match=_sampler_message(f"{short}[2,3]", f"{short}[]")):
+        jg.random_grad(tree, jax.random.key(0), sampler=_scalar, out_shardings=shardings)
+
+
+def test_random_grad_sampler_check_runs_the_sampler_once_per_leaf():
+    calls = []
+
+    def sampler(key, shape, dtype):
+        calls.append(shape)
+        return jax.random.normal(key, shape, dtype)
+
+    jg.random_grad({"a": jnp.zeros(2), "b": jnp.zeros((1, 3))}, jax.random.key(0), sampler=sampler)
+    assert calls == [(2,), (1, 3)]
+
+
+def test_random_grad_sampler_returning_a_non_array_names_the_leaf():
+    with pytest.raises(
+        TypeError,
+        match=r"`sampler` must return an array; for the leaf at \['b'\]\[0\] \(f32\[2\]\) it returned a list\.",
+    ):
+        jg.random_grad(
+            {"b": [jnp.zeros(2)]}, jax.random.key(0), sampler=lambda k, shape, d: [0.0, 0.0]
+        )
+
+
 def test_random_grad_rejects_non_callable_sampler():
     with pytest.raises(TypeError, match="`sampler` must be callable"):
         jg.random_grad({"w": jnp.zeros(2)}, jax.random.key(0), sampler="normal")  # type: ignore[arg-type]
@@ -343,8 +446,8 @@ def test_null_grad_rejects_other_inputs(model, got):
 
 @pytest.mark.parametrize(
     "model",
-    [object(), {"name": "dense"}],
-    ids=["object", "str-leaf"],
+    [object(), {"name": "dense"}, {"rng": jax.random.key(0)}],
+    ids=["object", "str-leaf", "prng-key"],
 )
 def test_null_grad_sends_to_zero_grad_only_where_it_works(model):
     with pytest.raises(
