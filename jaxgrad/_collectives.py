@@ -29,8 +29,11 @@ def check_axis_name(axis_name: Any, *, optional: bool = False) -> None:
     expected = "a mesh axis name (a str) or a non-empty tuple of names"
     if optional:
         expected += ", or None"
+    hint = ""
+    if isinstance(axis_name, list) and axis_name and all(isinstance(n, str) for n in axis_name):
+        hint = f" A list is not accepted (JAX needs a hashable name); pass {tuple(axis_name)!r}."
     raise TypeError(
-        f"`axis_name` must be {expected}; got {type(axis_name).__name__} {axis_name!r}."
+        f"`axis_name` must be {expected}; got {type(axis_name).__name__} {axis_name!r}.{hint}"
     )
 
 
@@ -43,8 +46,11 @@ def grad_psum(grad: PyTree, axis_name: AxisNames) -> PyTree:
     tree; JAX emits an all-reduce per leaf and XLA's all-reduce combiner fuses them into
     a few tuple all-reduces (on CPU: one for all float32 and bfloat16 leaves). The
     result has the structure, shapes and dtypes of `grad`; sums are taken in each
-    leaf's dtype. For leaves that are shards of one larger gradient, use the
-    reductions' `axis_name` instead (`grad_norm(grad, axis_name=...)`).
+    leaf's dtype, as `jax.lax.psum` does, so a float16 sum can overflow (two replicas of
+    60000 give inf) and a bfloat16 sum keeps 8 significant bits; cast first if the
+    total needs more (`grad_pmean` sums float16 and bfloat16 leaves in float32). For
+    leaves that are shards of one larger gradient, use the reductions' `axis_name`
+    instead (`grad_norm(grad, axis_name=...)`).
 
     Args:
         grad: a `Gradient` or any pytree of arrays.
@@ -54,7 +60,8 @@ def grad_psum(grad: PyTree, axis_name: AxisNames) -> PyTree:
         A pytree with the structure, shapes and dtypes of `grad`.
 
     Raises:
-        TypeError: if `axis_name` is not a str or a non-empty tuple of str.
+        TypeError: if `axis_name` is not a str or a non-empty tuple of str (a list is
+            not accepted; the message shows the tuple to pass).
 
     Example:
         >>> per_replica = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}  # 2 replicas
@@ -73,8 +80,11 @@ def grad_pmean(grad: PyTree, axis_name: AxisNames) -> PyTree:
     replica holds the gradient of its part of the batch, and `grad_pmean` makes every
     replica hold the gradient of the whole batch (for a loss that is a mean over
     examples and equal-sized parts). Leaves are summed with one `jax.lax.psum` over the
-    whole tree (see `grad_psum`) and divided by the number of replicas, in float32 for
-    float16 and bfloat16 leaves and cast back; each leaf keeps its dtype.
+    whole tree (see `grad_psum`) and divided by the number of replicas; float16 and
+    bfloat16 leaves are cast to float32 before the sum and the mean is cast back, so
+    the sum neither overflows nor rounds in the narrow dtype (two float16 replicas of
+    60000 average to 60000, not inf). Each leaf keeps its dtype; the all-reduce of
+    those leaves moves float32, twice their bytes.
 
     Inside `shard_map` with `check_vma=True` (the default), `jax.grad` with respect to
     replicated parameters already returns the sum of the replicas' gradients (it is the
@@ -90,8 +100,9 @@ def grad_pmean(grad: PyTree, axis_name: AxisNames) -> PyTree:
         A pytree with the structure, shapes and dtypes of `grad`.
 
     Raises:
-        TypeError: if `axis_name` is not a str or a non-empty tuple of str, or if a leaf
-            is not floating-point or complex (the message names it).
+        TypeError: if `axis_name` is not a str or a non-empty tuple of str (a list is
+            not accepted; the message shows the tuple to pass), or if a leaf is not
+            floating-point or complex (the message names it).
 
     Example:
         >>> per_replica = jaxgrad.Gradient([jnp.array([[1.0], [3.0]])], [])  # 2 replicas
@@ -99,6 +110,10 @@ def grad_pmean(grad: PyTree, axis_name: AxisNames) -> PyTree:
         >>> mean.layers[0]
         Array([[2.],
                [2.]], dtype=float32)
+        >>> half = {"w": jnp.full((2, 1), 60000.0, jnp.float16)}  # 2 replicas of 60000
+        >>> jax.vmap(lambda g: jaxgrad.grad_pmean(g, "i"), axis_name="i")(half)["w"]
+        Array([[60000.],
+               [60000.]], dtype=float16)
     """
     check_axis_name(axis_name)
     for path, leaf in jax.tree_util.tree_flatten_with_path(grad)[0]:
@@ -108,12 +123,12 @@ def grad_pmean(grad: PyTree, axis_name: AxisNames) -> PyTree:
                 f"{where(path)} it has {describe_leaf(jnp.asarray(leaf))}. "
                 "Use `grad_psum` for integer leaves."
             )
-    total = jax.lax.psum(grad, axis_name)
+    total = jax.lax.psum(jax.tree.map(_widen, grad), axis_name)
     count = jax.lax.psum(1, axis_name)  # the number of replicas, a constant: no collective
+    return jax.tree.map(lambda t, x: (t / count).astype(jnp.result_type(x)), total, grad)
 
-    def divide(x: Any) -> Array:
-        x = jnp.asarray(x)
-        wide = x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x
-        return (wide / count).astype(x.dtype)
 
-    return jax.tree.map(divide, total)
+def _widen(x: Any) -> Array:
+    """A leaf in float32 if its dtype is a narrower float (float16, bfloat16), else as is."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x

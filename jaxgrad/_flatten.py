@@ -9,7 +9,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ._dispatch import compiled, has_tracer
-from ._structure import check_array_leaves
+from ._structure import check_array_leaves, describe_leaf, short_dtype, where
 from ._typing import Array, ArrayLike, PyTree
 
 
@@ -20,14 +20,86 @@ def _common_dtype(dtypes: list[np.dtype]) -> np.dtype:
         return np.dtype(jnp.result_type(*dtypes))
 
 
+def _integer_bits(dtype: np.dtype) -> int:
+    """Bits of magnitude of an integer or boolean dtype: its values all have |n| <= 2**bits."""
+    if dtype == np.bool_:
+        return 1
+    info = np.iinfo(dtype)
+    return info.bits - 1 if info.min < 0 else info.bits
+
+
+def _holds_exactly(inexact: np.dtype, integer: np.dtype) -> bool:
+    """Whether every value of the integer (or boolean) dtype is exact in the float dtype.
+
+    A float with a significand of p bits (`nmant + 1`) holds every integer up to 2**p.
+    """
+    return int(jnp.finfo(inexact).nmant) + 1 >= _integer_bits(integer)
+
+
+def _x64() -> bool:
+    return jax.dtypes.canonicalize_dtype(np.float64) == np.float64
+
+
+def _widenings(dtype: np.dtype) -> list[np.dtype]:
+    """`dtype` and the wider floating dtypes of its kind available now (64-bit with x64)."""
+    complex_ = jnp.issubdtype(dtype, jnp.complexfloating)
+    ladder = [np.dtype(np.complex64), np.dtype(np.complex128)] if complex_ else []
+    ladder = ladder or [np.dtype(np.float32), np.dtype(np.float64)]
+    bits = jnp.finfo(dtype).bits
+    wider = [d for d in ladder if jnp.finfo(d).bits > bits and (_x64() or d.itemsize < 8)]
+    return [dtype, *wider]
+
+
+def _flat_dtype(dtypes: list[np.dtype]) -> np.dtype | None:
+    """The dtype of `grad_flatten` for leaves of these dtypes, or `None` if there is none.
+
+    Leaves of one kind (all inexact, or all integer and boolean) are promoted by JAX's
+    standard rules. Integer leaves among floating ones never round: the vector gets the
+    narrowest floating dtype, at least the floating leaves' promoted one, that holds
+    every integer leaf exactly; `None` if no available dtype does.
+    """
+    inexact = [d for d in dtypes if jnp.issubdtype(d, jnp.inexact)]
+    integer = [d for d in dtypes if not jnp.issubdtype(d, jnp.inexact)]
+    if not inexact or not integer:
+        return _common_dtype(dtypes)
+    for candidate in _widenings(_common_dtype(inexact)):
+        if all(_holds_exactly(candidate, d) for d in integer):
+            return candidate
+    return None
+
+
+def _mixed_kinds_error(grad: PyTree, leaves: list[Array]) -> TypeError:
+    """The error for integer leaves that no floating dtype holds together with the rest."""
+    inexact = [np.dtype(x.dtype) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    widest = _widenings(_common_dtype(inexact))[-1]
+    paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(grad)[0]]
+    path, leaf = next(
+        (path, x)
+        for path, x in zip(paths, leaves, strict=True)
+        if not jnp.issubdtype(x.dtype, jnp.inexact) and not _holds_exactly(widest, x.dtype)
+    )
+    x64 = "" if _x64() else " (float64 would, with `jax_enable_x64`)"
+    return TypeError(
+        f"`grad` mixes integer and floating-point leaves, and no floating-point dtype holds "
+        f"the integer leaf at {where(path)} ({describe_leaf(leaf)}) exactly{x64}; cast it "
+        "first, e.g. with `grad_apply`, or leave it out."
+    )
+
+
 @compiled()
 def grad_flatten(grad: PyTree) -> Array:
     """All entries of a gradient as one 1-D vector.
 
     Leaves come in `jax.tree.leaves` order, each raveled in C order and concatenated.
-    Leaves of one dtype keep it; mixed dtypes are promoted by JAX's standard rules
-    (float16 with bfloat16 gives float32), and `grad_unflatten` casts them back. An
-    empty gradient gives a float32 vector of length 0.
+    No value is ever rounded. Leaves of one dtype keep it; mixed floating-point dtypes,
+    or mixed integer ones, are promoted by JAX's standard rules (float16 with bfloat16
+    gives float32), and `grad_unflatten` casts them back. Integer (and boolean) leaves
+    among floating-point ones give the narrowest floating dtype, at least the floating
+    leaves' promoted one, that holds every integer exactly: int8 with bfloat16 stays
+    bfloat16, int16 with float16 gives float32, int32 with float32 gives float64 (with
+    `jax_enable_x64`). Where no such dtype exists (int32 without x64, int64) this raises
+    rather than rounding; cast the integer leaves first. An empty gradient gives a
+    float32 vector of length 0.
 
     Args:
         grad: a `Gradient` or any pytree of arrays.
@@ -35,13 +107,23 @@ def grad_flatten(grad: PyTree) -> Array:
     Returns:
         A 1-D array of length equal to the total number of entries.
 
+    Raises:
+        TypeError: if a leaf is not an array, or if integer leaves are mixed with
+            floating-point ones that no available dtype holds together exactly (the
+            message names the first integer leaf that does not fit).
+
     Example:
         >>> jaxgrad.grad_flatten({"a": jnp.ones((2, 2)), "b": jnp.zeros(1)})
         Array([1., 1., 1., 1., 0.], dtype=float32)
+        >>> jaxgrad.grad_flatten({"n": jnp.array([255], jnp.uint8), "w": jnp.ones(1, jnp.bfloat16)})
+        Array([255, 1], dtype=bfloat16)
     """
     check_array_leaves("grad", grad)
     leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
-    dtype = _common_dtype([x.dtype for x in leaves])
+    dtypes = [np.dtype(x.dtype) for x in leaves]
+    dtype = _flat_dtype(dtypes)
+    if dtype is None:
+        raise _mixed_kinds_error(grad, leaves)
     if not leaves:
         return jnp.zeros((0,), dtype)
     return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in _ravelable(leaves)])
@@ -74,7 +156,11 @@ def grad_unflatten(vector: ArrayLike, like: PyTree) -> PyTree:
 
     The result has the structure, shapes and dtypes of `like`, whose leaves may be
     arrays or anything with `shape` and `dtype` (such as `jax.ShapeDtypeStruct`).
-    `grad_unflatten(grad_flatten(g), g)` is `g` exactly.
+    `grad_unflatten(grad_flatten(g), g)` is `g` exactly. Each piece is cast to its
+    leaf's dtype. A vector of the dtype `grad_flatten(like)` has is always accepted;
+    another one is refused where the cast could lose values: the imaginary part of a
+    complex vector cast to real leaves, or integers that a floating vector's dtype does
+    not hold exactly.
 
     Args:
         vector: a 1-D array with as many entries as `like` has.
@@ -84,6 +170,11 @@ def grad_unflatten(vector: ArrayLike, like: PyTree) -> PyTree:
         A pytree with the structure, shapes and dtypes of `like`.
 
     Raises:
+        TypeError: if the cast to a leaf's dtype could lose values: a complex `vector`
+            into real leaves (the imaginary part), or a floating-point `vector` into
+            integer leaves that its dtype does not hold exactly (float32 into int32;
+            float32 into int16 is fine). A `vector` of the dtype `grad_flatten(like)`
+            has passes (the round trip). The message names the first such leaf.
         ValueError: if `vector` is not 1-D or its length differs from the number of
             entries of `like` (both lengths are named).
 
@@ -103,9 +194,48 @@ def grad_unflatten(vector: ArrayLike, like: PyTree) -> PyTree:
             f"`vector` has length {vector.shape[0]}, but `like` has {total} entries; "
             "they must be equal."
         )
+    _check_casts(np.dtype(vector.dtype), like, [dtype for _, dtype in spec])
     if has_tracer(vector):
         return _unflatten(vector, treedef, spec)
     return _unflatten_jit(vector, treedef, spec)
+
+
+def _cast_loss(source: np.dtype, target: np.dtype) -> str | None:
+    """What casting `source` values to `target` would lose, or `None` if nothing."""
+    if jnp.issubdtype(source, jnp.complexfloating) and not jnp.issubdtype(
+        target, jnp.complexfloating
+    ):
+        return "its imaginary part"
+    if (
+        jnp.issubdtype(source, jnp.inexact)
+        and not jnp.issubdtype(target, jnp.inexact)
+        and not _holds_exactly(source, target)
+    ):
+        return f"integers that {short_dtype(source)} does not hold exactly"
+    return None
+
+
+def _check_casts(source: np.dtype, like: PyTree, targets: list[np.dtype]) -> None:
+    """Raise `TypeError` at the first leaf of `like` that `source` values cannot fill exactly.
+
+    A vector of the dtype `grad_flatten(like)` would have passes: its pieces are exact in
+    their leaves' dtypes when it comes from `grad_flatten` (the round trip).
+    """
+    if all(_cast_loss(source, target) is None for target in set(targets)):
+        return
+    if source == _flat_dtype(targets):
+        return
+    for (path, template), target in zip(
+        jax.tree_util.tree_flatten_with_path(like)[0], targets, strict=True
+    ):
+        loss = _cast_loss(source, target)
+        if loss is not None:
+            leaf = describe_leaf(jax.ShapeDtypeStruct(_shape_of(template), target))
+            raise TypeError(
+                f"`vector` has dtype {short_dtype(source)}, but the leaf of `like` at "
+                f"{where(path)} is {leaf}; the cast would lose {loss}. Cast `vector` first "
+                "if that is meant."
+            )
 
 
 def _shape_of(template: Any) -> tuple[int, ...]:
@@ -124,6 +254,8 @@ def _unflatten(vector: Array, treedef: Any, spec: tuple[tuple[tuple[int, ...], A
     for shape, dtype in spec:
         size = math.prod(shape)
         piece = jax.lax.slice_in_dim(vector, start, start + size)
+        if jnp.iscomplexobj(piece) and not jnp.issubdtype(dtype, jnp.complexfloating):
+            piece = jnp.real(piece)  # checked: a round trip, whose imaginary parts are 0
         leaves.append(piece.reshape(shape).astype(dtype))
         start += size
     return jax.tree.unflatten(treedef, leaves)

@@ -8,18 +8,40 @@ import jax
 
 from ._dispatch import has_tracer
 from ._donate import check_donatable
-from ._structure import check_callable, check_same_structure
+from ._structure import check_callable, check_same_structure, where
 from ._typing import PyTree
+
+
+def _map_new_leaves(
+    fn: str, name: str, func_: Callable[..., Any], grad: PyTree, *rest: PyTree
+) -> PyTree:
+    """`jax.tree.map(func_, grad, *rest)`, refusing a `None` result (paysage's in-place style).
+
+    paysage's in-place functions returned `None`; `jax.tree.map` would put that `None`
+    where the leaf was, silently dropping it. Checking each result costs one comparison.
+    """
+    leaves, treedef = jax.tree.flatten(grad)
+    others = [treedef.flatten_up_to(tree) for tree in rest]
+    results = [func_(*args) for args in zip(leaves, *others, strict=True)]
+    if any(result is None for result in results):
+        index = next(i for i, result in enumerate(results) if result is None)
+        path = jax.tree_util.tree_flatten_with_path(grad)[0][index][0]
+        raise TypeError(
+            f"`func_` must return the new leaf; at {where(path)} it returned None. JAX arrays "
+            f"are immutable, so `{fn}` builds a new tree from what `func_` returns instead "
+            f"of updating `{name}` in place as paysage did."
+        )
+    return jax.tree.unflatten(treedef, results)
 
 
 @functools.partial(jax.jit, static_argnames=("func",), donate_argnames=("grad",))
 def _apply_donated(func: Callable[[Any], Any], grad: PyTree) -> PyTree:
-    return jax.tree.map(func, grad)
+    return _map_new_leaves("grad_apply_", "grad", func, grad)
 
 
 @functools.partial(jax.jit, static_argnames=("func",), donate_argnames=("grad1",))
 def _mapzip_donated(func: Callable[[Any, Any], Any], grad1: PyTree, grad2: PyTree) -> PyTree:
-    return jax.tree.map(func, grad1, grad2)
+    return _map_new_leaves("grad_mapzip_", "grad1", func, grad1, grad2)
 
 
 def grad_apply(func: Callable[[Any], Any], grad: PyTree) -> PyTree:
@@ -54,7 +76,9 @@ def grad_apply_(func_: Callable[[Any], Any], grad: PyTree, *, donate: bool = Fal
 
     paysage's `grad_apply_` modified `grad` in place and returned `None`. JAX arrays are
     immutable, so here `func_` must return the new leaf and the result is a new tree
-    with the structure of `grad`, equal to `grad_apply(func_, grad)`.
+    with the structure of `grad`, equal to `grad_apply(func_, grad)`. A `func_` written
+    for paysage, which updates its argument in place and returns `None`, is refused
+    (a `TypeError` naming the leaf) rather than silently giving a tree of `None`s.
 
     With `donate=False` (the default, safe in notebooks that re-run cells) `grad` is
     left as it was and `func_` runs as plain Python. With `donate=True` the buffers of
@@ -76,7 +100,9 @@ def grad_apply_(func_: Callable[[Any], Any], grad: PyTree, *, donate: bool = Fal
         A pytree with the structure of `grad`.
 
     Raises:
-        TypeError: if `func_` is not callable.
+        TypeError: if `func_` is not callable, or returns `None` for a leaf (paysage's
+            in-place style; the message names the key path). With `donate=True` this is
+            raised before anything is donated.
         ValueError: with `donate=True`, if one array appears twice in `grad`.
 
     Example:
@@ -92,7 +118,7 @@ def grad_apply_(func_: Callable[[Any], Any], grad: PyTree, *, donate: bool = Fal
     if donate and not has_tracer(grad):
         check_donatable("grad", grad)
         return _apply_donated(func_, grad)
-    return jax.tree.map(func_, grad)
+    return _map_new_leaves("grad_apply_", "grad", func_, grad)
 
 
 def grad_mapzip(func: Callable[[Any, Any], Any], grad1: PyTree, grad2: PyTree) -> PyTree:
@@ -133,7 +159,8 @@ def grad_mapzip_(
     """Apply a function of two arrays over the zip of two gradients: the in-place variant.
 
     paysage's `grad_mapzip_` updated `grad1` in place. Here `func_(leaf1, leaf2)` must
-    return the updated `leaf1`, and the result is a new tree with the structure of
+    return the updated `leaf1` (a `None` result, paysage's in-place style, is a
+    `TypeError` naming the leaf), and the result is a new tree with the structure of
     `grad1`, equal to `grad_mapzip(func_, grad1, grad2)`.
 
     With `donate=False` (the default) neither input is modified and `func_` runs as
@@ -152,7 +179,9 @@ def grad_mapzip_(
         A pytree with the structure of `grad1`.
 
     Raises:
-        TypeError: if `func_` is not callable.
+        TypeError: if `func_` is not callable, or returns `None` for a leaf (paysage's
+            in-place style; the message names the key path). With `donate=True` this is
+            raised before anything is donated.
         ValueError: if the structures differ (the message names the first differing
             key path), or, with `donate=True`, if an array of `grad1` appears twice in
             it or also in `grad2`.
@@ -168,4 +197,4 @@ def grad_mapzip_(
     if donate and not has_tracer((grad1, grad2)):
         check_donatable("grad1", grad1, grad2=grad2)
         return _mapzip_donated(func_, grad1, grad2)
-    return jax.tree.map(func_, grad1, grad2)
+    return _map_new_leaves("grad_mapzip_", "grad1", func_, grad1, grad2)

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 from typing import Any
 
 import chex
@@ -36,6 +37,26 @@ def _rbm(num_visible=4, num_hidden=3, dtype=jnp.float32):
     )
 
 
+@dataclasses.dataclass
+class Connection:
+    """Later paysage: a connection carries a weights layer, which carries `params`."""
+
+    weights: Layer
+
+
+@dataclasses.dataclass
+class ConnectedModel:
+    """Later paysage's model protocol: layers and connections."""
+
+    layers: Any
+    connections: Any
+
+
+def _connected_rbm(num_visible=4, num_hidden=3, dtype=jnp.float32):
+    rbm = _rbm(num_visible, num_hidden, dtype)
+    return ConnectedModel(layers=rbm.layers, connections=[Connection(w) for w in rbm.weights])
+
+
 class _Net(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
         self.embed = nnx.Embed(10, 4, rngs=rngs)
@@ -69,6 +90,94 @@ def test_zero_grad_of_layered_model_is_a_gradient():
         == "Gradient(layers=[{'bias': bf16[4]}, {'bias': bf16[3]}], weights=[{'W': bf16[4,3]}])"
     )
     assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(out))
+
+
+def test_zero_grad_of_later_paysage_layout_is_a_gradient(dtype):
+    out = jg.zero_grad(_connected_rbm(dtype=dtype))
+    assert isinstance(out, jg.Gradient)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, jg.zero_grad(_rbm(dtype=dtype)))
+    assert len(out.layers) == 2 and len(out.weights) == 1  # one entry per connection
+    assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(out))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        LayeredModel(layers={"v": Layer(jnp.ones(2))}, weights=[]),
+        LayeredModel(layers=[Layer(jnp.ones(2)), object()], weights=[]),
+        LayeredModel(layers=[Layer(jnp.ones(2))], weights=[object()]),
+        ConnectedModel(layers=[Layer(jnp.ones(2))], connections=[Layer(jnp.ones(2))]),
+        ConnectedModel(layers=[Layer(jnp.ones(2))], connections=[Connection(object())]),  # type: ignore[arg-type]
+        Layer(params=jnp.ones(2)),
+    ],
+    ids=[
+        "layers-dict",
+        "layer-without-params",
+        "weight-without-params",
+        "connection-without-weights",
+        "weights-without-params",
+        "no-layers",
+    ],
+)
+def test_model_fitting_no_layout_names_both_and_what_is_missing(model, request):
+    missing = {
+        "layers-dict": r"`model\.layers` is a dict, not a list or tuple",
+        "layer-without-params": r"`model\.layers\[1\]` has no `params`",
+        "weight-without-params": r"`model\.weights\[0\]` has no `params`",
+        "connection-without-weights": r"`model\.connections\[0\]` has no `weights`",
+        "weights-without-params": r"`model\.connections\[0\]\.weights` has no `params`",
+        "no-layers": "",
+    }[request.node.callspec.id]
+    both = (
+        r"`model\.layers\[i\]\.params` with `model\.weights\[i\]\.params`, as in paysage 0\.2, "
+        r"or with `model\.connections\[i\]\.weights\.params`, as in later paysage\)"
+    )
+    for fn in (jg.zero_grad, lambda m: jg.random_grad(m, jax.random.key(0)), jg.null_grad):
+        if not missing:  # no `layers` at all: not a paysage model, a plain object
+            with pytest.raises(TypeError, match=r"at the root it has a Layer|got a Layer\.$"):
+                fn(model)
+            continue
+        with pytest.raises(TypeError, match=rf"{both}.*; got a \w+, and {missing}\.$") as info:
+            fn(model)
+        assert "zero_grad" not in str(info.value)
+
+
+def test_zero_grad_dtype_matches_optax(tree_kind, dtype):
+    tree = make_tree(tree_kind)
+    if tree_kind == "dict":
+        tree["n"] = jnp.arange(3)  # an integer leaf gets `dtype` too
+    out = jg.zero_grad(tree, dtype=dtype)
+    expected = otu.tree_zeros_like(tree, dtype)
+    assert jax.tree.structure(out) == jax.tree.structure(expected)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out, expected)
+    assert all(x.dtype == dtype for x in jax.tree.leaves(out))
+    chex.assert_trees_all_equal(out, expected)
+
+
+def test_zero_grad_dtype_under_jit_and_for_models(dtype):
+    out = jax.jit(lambda t: jg.zero_grad(t, dtype=dtype))({"w": jnp.ones(3, jnp.int8)})
+    assert out["w"].dtype == dtype
+    layered = jg.zero_grad(_connected_rbm(), dtype=dtype)
+    assert all(x.dtype == dtype for x in jax.tree.leaves(layered))
+    state = jg.zero_grad(_Net(nnx.Rngs(0)), dtype=dtype)
+    assert type(state) is nnx.State and all(x.dtype == dtype for x in jax.tree.leaves(state))
+
+
+def test_zero_grad_rejects_a_non_dtype():
+    with pytest.raises(
+        TypeError, match=r"`dtype` must be a dtype such as `jnp\.float32`, or None; got str 'f33'\."
+    ):
+        jg.zero_grad({"w": jnp.ones(2)}, dtype="f33")
+
+
+def test_zero_grad_rejects_prng_key_leaves():
+    tree = {"w": jnp.ones(2), "rng": [jax.random.key(0)]}
+    with pytest.raises(
+        TypeError,
+        match=r"`model` must be a pytree of numeric arrays; at \['rng'\]\[0\] it has the PRNG key "
+        r"key<fry>\[\], which has no gradient\.",
+    ):
+        jg.zero_grad(tree)
 
 
 def test_zero_grad_of_nnx_module_matches_nnx_grad():
@@ -180,6 +289,104 @@ def test_random_grad_rejects_bad_keys(key, shown):
         jg.random_grad({"w": jnp.zeros(2)}, key)
 
 
+def test_random_grad_of_later_paysage_layout(dtype):
+    g = jg.random_grad(_connected_rbm(dtype=dtype), jax.random.key(0))
+    assert isinstance(g, jg.Gradient)
+    chex.assert_trees_all_equal(g, jg.random_grad(_rbm(dtype=dtype), jax.random.key(0)))
+
+
+@pytest.mark.parametrize(
+    ("leaf", "shown"),
+    [
+        (jnp.arange(3), r"i32\[3\]"),
+        (jnp.array([True, False]), r"bool\[2\]"),
+        (7, r"i32\[\]"),
+        (jax.random.key(0), r"key<fry>\[\]"),
+    ],
+    ids=["int", "bool", "python-int", "prng-key"],
+)
+@pytest.mark.parametrize(
+    "sampler", [jax.random.uniform, jax.random.normal], ids=["uniform", "normal"]
+)
+def test_random_grad_rejects_leaves_that_are_not_floating(leaf, shown, sampler, maybe_jit):
+    tree = {"w": jnp.zeros(2), "x": [leaf]}
+    with pytest.raises(
+        TypeError,
+        match=r"`model` must have floating-point leaves to be filled with random values; at "
+        rf"\['x'\]\[0\] it has {shown}\. Leave integer, boolean and PRNG-key leaves out",
+    ):
+        maybe_jit(lambda t: jg.random_grad(t, jax.random.key(0), sampler=sampler))(tree)
+
+
+def test_random_grad_complex_leaves_need_a_complex_sampler():
+    tree = {"z": jnp.zeros(3, jnp.complex64)}
+    with pytest.raises(
+        TypeError,
+        match=r"`sampler=jax\.random\.uniform` draws real numbers, but at \['z'\] `model` has the "
+        r"complex leaf c64\[3\]; pass `sampler=jax\.random\.normal`\.",
+    ):
+        jg.random_grad(tree, jax.random.key(0))
+    out = jg.random_grad(tree, jax.random.key(0), sampler=jax.random.normal)
+    assert out["z"].dtype == jnp.complex64 and bool(jnp.any(out["z"].imag != 0))
+
+
+def _ignores_dtype(key, shape, dtype):
+    return jax.random.normal(key, shape)  # always float32
+
+
+def _scalar(key, shape, dtype):
+    return jax.random.normal(key, (), dtype)
+
+
+_SHORT = {jnp.float32: "f32", jnp.bfloat16: "bf16", jnp.float16: "f16"}
+
+
+def _sampler_message(given: str, returned: str) -> str:
+    return re.escape(
+        f"`sampler` must return an array of the shape and dtype it is given; for the leaf at "
+        f"['a'] it was given {given} and returned {returned}."
+    )
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["default", "out_shardings"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+def test_random_grad_sampler_that_ignores_dtype_is_a_type_error(sharded, dtype):
+    tree = {"a": jnp.zeros((2, 3), dtype), "b": [jnp.zeros((2, 3), dtype)]}
+    shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharded else None
+    with pytest.raises(TypeError, match=_sampler_message(f"{_SHORT[dtype]}[2,3]", "f32[2,3]")):
+        jg.random_grad(tree, jax.random.key(0), sampler=_ignores_dtype, out_shardings=shardings)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["default", "out_shardings"])
+def test_random_grad_sampler_that_returns_a_scalar_is_a_value_error(sharded, dtype):
+    tree = {"a": jnp.zeros((2, 3), dtype), "b": [jnp.zeros((2, 3), dtype)]}
+    shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if sharded else None
+    short = _SHORT[dtype]
+    with pytest.raises(ValueError, match=_sampler_message(f"{short}[2,3]", f"{short}[]")):
+        jg.random_grad(tree, jax.random.key(0), sampler=_scalar, out_shardings=shardings)
+
+
+def test_random_grad_sampler_check_runs_the_sampler_once_per_leaf():
+    calls = []
+
+    def sampler(key, shape, dtype):
+        calls.append(shape)
+        return jax.random.normal(key, shape, dtype)
+
+    jg.random_grad({"a": jnp.zeros(2), "b": jnp.zeros((1, 3))}, jax.random.key(0), sampler=sampler)
+    assert calls == [(2,), (1, 3)]
+
+
+def test_random_grad_sampler_returning_a_non_array_names_the_leaf():
+    with pytest.raises(
+        TypeError,
+        match=r"`sampler` must return an array; for the leaf at \['b'\]\[0\] \(f32\[2\]\) it returned a list\.",
+    ):
+        jg.random_grad(
+            {"b": [jnp.zeros(2)]}, jax.random.key(0), sampler=lambda k, shape, d: [0.0, 0.0]
+        )
+
+
 def test_random_grad_rejects_non_callable_sampler():
     with pytest.raises(TypeError, match="`sampler` must be callable"):
         jg.random_grad({"w": jnp.zeros(2)}, jax.random.key(0), sampler="normal")  # type: ignore[arg-type]
@@ -211,13 +418,41 @@ def test_null_grad_of_gradient_mirrors_its_layout():
     assert jg.grad_norm(out) == 0.0
 
 
+def test_null_grad_of_later_paysage_layout_has_one_entry_per_connection():
+    model = _connected_rbm()
+    model.connections.append(Connection(Layer({"W": jnp.ones((3, 3))})))
+    out = jg.null_grad(model)
+    assert isinstance(out, jg.Gradient)
+    assert (out.layers, out.weights) == ([[], []], [[], []])
+
+
 @pytest.mark.parametrize(
-    "model",
-    [{"w": jnp.ones(2)}, jnp.ones(3), jg.Gradient({"a": 1.0}, [])],
+    ("model", "got"),
+    [
+        ({"w": jnp.ones(2)}, "a dict"),
+        (jnp.ones(3), "a ArrayImpl"),
+        (jg.Gradient({"a": 1.0}, []), "a Gradient whose `layers` is a dict"),
+    ],
     ids=["dict", "array", "gradient-with-dict"],
 )
-def test_null_grad_rejects_other_inputs(model):
+def test_null_grad_rejects_other_inputs(model, got):
     with pytest.raises(
-        TypeError, match=r"`model` must be a layered model .*Use `zero_grad` for other pytrees\."
+        TypeError,
+        match=r"`model` must be a paysage model \(.*\) or a `Gradient` whose fields are sequences; "
+        rf"got {got}\. Use `zero_grad` for other pytrees\.",
     ):
         jg.null_grad(model)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [object(), {"name": "dense"}, {"rng": jax.random.key(0)}],
+    ids=["object", "str-leaf", "prng-key"],
+)
+def test_null_grad_sends_to_zero_grad_only_where_it_works(model):
+    with pytest.raises(
+        TypeError, match=r"or a `Gradient` whose fields are sequences; got a \w+\.$"
+    ):
+        jg.null_grad(model)
+    with pytest.raises(TypeError):
+        jg.zero_grad(model)

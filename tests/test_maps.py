@@ -137,3 +137,56 @@ def test_apply_is_linear(tree):
     )
     chex.assert_trees_all_close(left, right, atol=1e-4)
     chex.assert_trees_all_close(left, tree, atol=1e-4)
+
+
+# -- paysage's in-place style: `func_` returning None -----------------------------------
+
+
+def _scale_in_place(x):
+    """paysage style: update the argument, return nothing (a no-op on JAX arrays)."""
+    x * 2.0
+
+
+def _add_in_place(x, y):
+    x + y
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["copy", "donate"])
+def test_apply_in_place_style_func_returning_none_names_the_leaf(donate, maybe_jit, dtype):
+    grad = jg.Gradient([{"bias": jnp.ones(2, dtype)}], [{"W": jnp.ones((2, 2), dtype)}])
+    with pytest.raises(
+        TypeError,
+        match=r"`func_` must return the new leaf; at \.layers\[0\]\['bias'\] it returned None\. "
+        r"JAX arrays are immutable, so `grad_apply_` builds a new tree from what `func_` "
+        r"returns instead of updating `grad` in place as paysage did\.",
+    ):
+        maybe_jit(lambda g: jg.grad_apply_(_scale_in_place, g, donate=donate))(grad)
+    assert not grad.layers[0]["bias"].is_deleted()  # refused before anything was donated
+
+
+@pytest.mark.parametrize("donate", [False, True], ids=["copy", "donate"])
+def test_mapzip_in_place_style_func_returning_none_names_the_leaf(donate, maybe_jit, dtype):
+    grad1 = {"a": jnp.ones(2, dtype), "b": [jnp.ones(3, dtype), None]}
+    grad2 = {"a": jnp.ones(2, dtype), "b": [jnp.ones(3, dtype), None]}
+    with pytest.raises(
+        TypeError,
+        match=r"`func_` must return the new leaf; at \['a'\] it returned None\. .*`grad_mapzip_` "
+        r"builds a new tree .* instead of updating `grad1` in place as paysage did\.",
+    ):
+        maybe_jit(lambda a, b: jg.grad_mapzip_(_add_in_place, a, b, donate=donate))(grad1, grad2)
+    assert not grad1["a"].is_deleted()
+
+
+def test_none_for_a_later_leaf_is_found_too():
+    grad = {"a": jnp.ones(2), "b": jnp.zeros(2), "c": None}
+    with pytest.raises(TypeError, match=r"at \['b'\] it returned None"):
+        jg.grad_apply_(lambda x: None if bool(jnp.all(x == 0)) else x, grad)
+
+
+def test_none_subtrees_of_the_input_stay_allowed_in_place_variants():
+    tree = {"a": None, "b": [jnp.ones(2), None]}
+    out = jg.grad_apply_(lambda x: x + 1, tree)
+    assert out["a"] is None and out["b"][1] is None
+    zipped = jg.grad_mapzip_(jnp.add, tree, tree)
+    assert zipped["a"] is None and zipped["b"][1] is None
+    np.testing.assert_array_equal(zipped["b"][0], 2.0)
