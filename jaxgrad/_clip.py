@@ -10,7 +10,7 @@ import numpy as np
 from jax.core import Tracer
 
 from ._collectives import check_axis_name
-from ._numerics import AxisName, accumulation_dtype
+from ._numerics import AxisName, accumulation_dtype, may_pack
 from ._numerics import rms as root_mean_square
 from ._stats import By, Groups, GroupStats, resolve_groups
 from ._stats import measure as measure_groups
@@ -126,13 +126,19 @@ def _work_dtype(dtype: Any, acc: np.dtype) -> Any:
     return acc
 
 
-@functools.partial(jax.jit, static_argnames=("measure", "groups", "axis_name"))
+@functools.partial(jax.jit, static_argnames=("measure", "groups", "axis_name", "pack"))
 def _clip(
-    grad: PyTree, bound: Any, *, measure: str, groups: Groups | None, axis_name: AxisName
+    grad: PyTree,
+    bound: Any,
+    *,
+    measure: str,
+    groups: Groups | None,
+    axis_name: AxisName,
+    pack: bool,
 ) -> tuple[PyTree, GradStats]:
     leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
     acc = accumulation_dtype(x.dtype for x in leaves)
-    norm, group_stats = measure_groups(leaves, groups, axis_name)
+    norm, group_stats = measure_groups(leaves, groups, axis_name, pack)
     norm = norm.astype(acc)
     rms = root_mean_square(norm, sum(x.size for x in leaves), axis_name)
     value = norm if measure == "norm" else rms
@@ -223,7 +229,8 @@ def _checked_clip(
     check_array_leaves("grad", grad, inexact=True)
     check_axis_name(axis_name, optional=True)
     groups = None if by is None else resolve_groups(grad, by)
-    return _clip(grad, bound, measure=measure, groups=groups, axis_name=axis_name)
+    pack = may_pack(grad, axis_name)
+    return _clip(grad, bound, measure=measure, groups=groups, axis_name=axis_name, pack=pack)
 
 
 def grad_clip_by_magnitude(

@@ -18,6 +18,7 @@ from ._numerics import (
     global_norm,
     layout,
     magnitudes,
+    may_pack,
     per_leaf,
     psum,
     rows,
@@ -34,9 +35,9 @@ from ._structure import (
 from ._typing import Array, ArrayLike, PyTree
 
 
-@functools.partial(jax.jit, static_argnames=("axis_name",))
-def _all_finite(grad: PyTree, *, axis_name: AxisName) -> Array:
-    return jnp.isfinite(global_norm(tree_leaves(grad), axis_name=axis_name))
+@functools.partial(jax.jit, static_argnames=("axis_name", "pack"))
+def _all_finite(grad: PyTree, *, axis_name: AxisName, pack: bool) -> Array:
+    return jnp.isfinite(global_norm(tree_leaves(grad), axis_name=axis_name, pack=pack))
 
 
 def grad_all_finite(grad: PyTree, *, axis_name: AxisName = None) -> Array:
@@ -66,7 +67,7 @@ def grad_all_finite(grad: PyTree, *, axis_name: AxisName = None) -> Array:
     """
     check_array_leaves("grad", grad)
     check_axis_name(axis_name, optional=True)
-    return _all_finite(grad, axis_name=axis_name)
+    return _all_finite(grad, axis_name=axis_name, pack=may_pack(grad, axis_name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,14 +184,14 @@ class NonfiniteReport:
 jax.tree_util.register_dataclass(NonfiniteReport, data_fields=["counts"], meta_fields=["paths"])
 
 
-@functools.partial(jax.jit, static_argnames=("axis_name",))
-def _counts(grad: PyTree, *, axis_name: AxisName) -> Array:
+@functools.partial(jax.jit, static_argnames=("axis_name", "pack"))
+def _counts(grad: PyTree, *, axis_name: AxisName, pack: bool) -> Array:
     leaves = tree_leaves(grad)
     dtype = count_dtype(max((x.size for x in leaves), default=0))
     if not leaves:
         return jnp.zeros((0,), dtype)
     acc = accumulation_dtype(x.dtype for x in leaves)
-    plan = layout([x.size for x in leaves])
+    plan = layout(leaves, pack)
     matrices = rows(magnitudes(leaves, acc), plan)
 
     def count(m: Array, axis: int) -> Array:
@@ -227,7 +228,10 @@ def grad_nonfinite_report(grad: PyTree, *, axis_name: AxisName = None) -> Nonfin
     """
     check_array_leaves("grad", grad)
     check_axis_name(axis_name, optional=True)
-    return NonfiniteReport(counts=_counts(grad, axis_name=axis_name), paths=leaf_names(grad))
+    return NonfiniteReport(
+        counts=_counts(grad, axis_name=axis_name, pack=may_pack(grad, axis_name)),
+        paths=leaf_names(grad),
+    )
 
 
 def _fallback_leaves(grad: PyTree, fallback: Any) -> list[Any]:
@@ -251,10 +255,12 @@ def _fallback_leaves(grad: PyTree, fallback: Any) -> list[Any]:
     return values
 
 
-@functools.partial(jax.jit, static_argnames=("axis_name",))
-def _where_finite(grad: PyTree, fallback_leaves: list[Any], *, axis_name: AxisName) -> PyTree:
+@functools.partial(jax.jit, static_argnames=("axis_name", "pack"))
+def _where_finite(
+    grad: PyTree, fallback_leaves: list[Any], *, axis_name: AxisName, pack: bool
+) -> PyTree:
     leaves, treedef = jax.tree.flatten(grad)
-    ok = jnp.isfinite(global_norm(tree_leaves(grad), axis_name=axis_name))
+    ok = jnp.isfinite(global_norm(tree_leaves(grad), axis_name=axis_name, pack=pack))
 
     def pick(x: Any, y: Any) -> Array:
         x = jnp.asarray(x)
@@ -301,4 +307,6 @@ def grad_where_finite(
     """
     check_array_leaves("grad", grad)
     check_axis_name(axis_name, optional=True)
-    return _where_finite(grad, _fallback_leaves(grad, fallback), axis_name=axis_name)
+    fallback_leaves = _fallback_leaves(grad, fallback)
+    pack = may_pack(grad, axis_name)
+    return _where_finite(grad, fallback_leaves, axis_name=axis_name, pack=pack)

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from ._typing import Array, PyTree
 
@@ -89,26 +90,59 @@ def axis_size(axis_name: AxisName) -> int:
 
 
 class Layout(NamedTuple):
-    """Where each leaf goes: `(row length, leaf indices)` per packed matrix, then the order.
+    """Where each leaf goes: `(row length, leaf indices)` per piece, then the order.
 
-    `order[k]` is the leaf whose result is the k-th entry of the concatenated rows, so
-    `inverse` puts them back in leaf order.
+    A piece with a row length packs its leaves into one matrix; a piece whose length is
+    `None` is one leaf reduced as it is. `inverse` puts the concatenated per-piece
+    results back in leaf order.
     """
 
-    pieces: tuple[tuple[int, tuple[int, ...]], ...]
+    pieces: tuple[tuple[int | None, tuple[int, ...]], ...]
     inverse: np.ndarray
 
 
-def layout(sizes: Sequence[int]) -> Layout:
-    """Pack small leaves by padded length (a power of two); larger ones stay alone."""
+def may_pack(tree: PyTree, axis_name: AxisName) -> bool:
+    """Whether small leaves may be packed together without moving data between devices.
+
+    Always on one device, and inside `shard_map`/`pmap` (`axis_name`: the leaves are
+    local). Otherwise only when every leaf is a concrete array on one device or fully
+    replicated: inside the user's `jax.jit` on several devices a leaf's placement is not
+    known, so leaves are reduced where they are.
+    """
+    if axis_name is not None or jax.device_count() == 1:
+        return True
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, Tracer):
+            return False
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is not None and not (
+            len(sharding.device_set) == 1 or sharding.is_fully_replicated
+        ):
+            return False
+    return True
+
+
+def _packable(leaf: Array) -> bool:
+    """Small, and not split over explicit mesh axes (whose data a reshape would move)."""
+    if leaf.size > PACK_LIMIT:
+        return False
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:
+        return True
+    spec = getattr(getattr(typeof(leaf), "sharding", None), "spec", ())
+    return all(entry is None for entry in spec)
+
+
+def layout(leaves: Sequence[Array], pack: bool = True) -> Layout:
+    """Pack small leaves by padded length (a power of two); others stay alone."""
     buckets: dict[int, list[int]] = {}
-    pieces: list[tuple[int, tuple[int, ...]]] = []
-    for i, size in enumerate(sizes):
-        if size <= PACK_LIMIT:
-            buckets.setdefault(1 << max(size - 1, 0).bit_length(), []).append(i)
+    alone: list[tuple[int | None, tuple[int, ...]]] = []
+    for i, leaf in enumerate(leaves):
+        if pack and _packable(leaf):
+            buckets.setdefault(1 << max(leaf.size - 1, 0).bit_length(), []).append(i)
         else:
-            pieces.append((size, (i,)))
-    pieces = [(length, tuple(idx)) for length, idx in sorted(buckets.items())] + pieces
+            alone.append((None, (i,)))
+    pieces = [(length, tuple(idx)) for length, idx in sorted(buckets.items())] + alone
     order = np.array([i for _, idx in pieces for i in idx], dtype=np.int64)
     inverse = np.empty_like(order)
     inverse[order] = np.arange(order.size)
@@ -123,11 +157,15 @@ def magnitudes(leaves: Sequence[Array], acc: np.dtype) -> list[Array]:
 
 
 def rows(values: Sequence[Array], plan: Layout) -> list[Array]:
-    """The packed matrices of `values` (from `magnitudes`): one row per leaf."""
+    """The pieces of `values` (from `magnitudes`): packed matrices, one row per small leaf.
+
+    A leaf that is alone in its piece stays as it is (any shape, any sharding): it is
+    reduced over all its axes, so no reshape has to move sharded data.
+    """
     out = []
     for length, idx in plan.pieces:
-        if len(idx) == 1 and values[idx[0]].size == length:
-            out.append(values[idx[0]].reshape(1, length))
+        if length is None:
+            out.append(values[idx[0]])
         else:
             out.append(
                 jnp.stack([jnp.pad(values[i].ravel(), (0, length - values[i].size)) for i in idx])
@@ -136,22 +174,39 @@ def rows(values: Sequence[Array], plan: Layout) -> list[Array]:
 
 
 def per_leaf(
-    matrices: Sequence[Array],
+    pieces: Sequence[Array],
     plan: Layout,
     transform: Callable[[Array], Array],
     reduce: Callable[..., Array],
 ) -> Array:
     """`reduce(transform(leaf))` for every leaf, as one vector in leaf order.
 
-    `transform` must map 0 to 0 (the padding) and `reduce` take `axis=1`.
+    `transform` must map 0 to 0 (the padding) and `reduce` take `axis` (1 for a packed
+    matrix, all axes for a leaf alone).
     """
     if not plan.pieces:
-        return jnp.zeros((0,), matrices[0].dtype if matrices else jnp.float32)
-    parts = [reduce(transform(m), axis=1) for m in matrices]
+        return jnp.zeros((0,), pieces[0].dtype if pieces else jnp.float32)
+    parts = []
+    for piece, (length, _) in zip(pieces, plan.pieces, strict=True):
+        if length is None:
+            parts.append(reduce(transform(piece), axis=tuple(range(piece.ndim))).reshape(1))
+        else:
+            parts.append(reduce(transform(piece), axis=1))
     out = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
     if np.array_equal(plan.inverse, np.arange(plan.inverse.size)):
         return out
     return out[plan.inverse]
+
+
+def scale_pieces(pieces: Sequence[Array], plan: Layout, factors: Array) -> list[Array]:
+    """Each leaf's entries divided by its own factor (`factors` in leaf order)."""
+    out = []
+    for piece, (length, idx) in zip(pieces, plan.pieces, strict=True):
+        if length is None:
+            out.append(piece / factors[idx[0]])
+        else:
+            out.append(piece / factors[np.asarray(idx)][:, None])
+    return out
 
 
 def _square(m: Array) -> Array:
@@ -227,6 +282,7 @@ def norms(
     *,
     axis_name: AxisName = None,
     nonfinite: bool = False,
+    pack: bool = True,
     matrices: list[Array] | None = None,
     plan: Layout | None = None,
 ) -> Norms:
@@ -239,7 +295,7 @@ def norms(
     leaves = [jnp.asarray(x) for x in leaves]
     acc = accumulation_dtype(x.dtype for x in leaves)
     sizes = [x.size for x in leaves]
-    plan = plan or layout(sizes)
+    plan = plan or layout(leaves, pack)
     if matrices is None:
         matrices = rows(magnitudes(leaves, acc), plan)
     sq = per_leaf(matrices, plan, _square, jnp.sum)
@@ -271,11 +327,7 @@ def _rescued(
     big = per_leaf(matrices, plan, lambda m: m, _max)
     usable = jnp.isfinite(big) & (big > 0)
     scale = jnp.where(usable, big, 1)
-    scaled = [
-        m / scale[np.asarray(idx)][:, None]
-        for m, (_, idx) in zip(matrices, plan.pieces, strict=True)
-    ]
-    inner = per_leaf(scaled, plan, _square, jnp.sum)
+    inner = per_leaf(scale_pieces(matrices, plan, scale), plan, _square, jnp.sum)
     # A leaf holding NaN or inf keeps its plain (non-finite) sum and scale 1.
     inner = jnp.where(usable | (big == 0), inner, sq)
     out = []
@@ -294,9 +346,10 @@ def _rescued(
     return Norms(out, counts)
 
 
-def global_norm(leaves: Sequence[Array], *, axis_name: AxisName = None) -> Array:
+def global_norm(leaves: Sequence[Array], *, axis_name: AxisName = None, pack: bool = True) -> Array:
     """The L2 norm of all entries of `leaves` (0-d), exact for every finite input."""
-    return norms(leaves, [Segments.whole(len(leaves))], axis_name=axis_name).norms[0][0]
+    segments = [Segments.whole(len(leaves))]
+    return norms(leaves, segments, axis_name=axis_name, pack=pack).norms[0][0]
 
 
 def rms(norm: Array, entries: Any, axis_name: AxisName) -> Array:

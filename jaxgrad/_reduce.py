@@ -18,6 +18,7 @@ from ._numerics import (
     global_norm,
     layout,
     magnitudes,
+    may_pack,
     per_leaf,
     psum,
     rms,
@@ -138,14 +139,14 @@ def _check_ord(ord: Any) -> str:
     raise ValueError(f"`ord` must be 1, 2, inf or None (meaning 2); got {ord!r}.")
 
 
-@functools.partial(jax.jit, static_argnames=("ord", "squared", "axis_name"))
-def _norm(grad: PyTree, *, ord: str, squared: bool, axis_name: AxisName) -> Array:
+@functools.partial(jax.jit, static_argnames=("ord", "squared", "axis_name", "pack"))
+def _norm(grad: PyTree, *, ord: str, squared: bool, axis_name: AxisName, pack: bool) -> Array:
     leaves = tree_leaves(grad)
     if ord == "2":
-        norm = global_norm(leaves, axis_name=axis_name)
+        norm = global_norm(leaves, axis_name=axis_name, pack=pack)
     else:
         acc = accumulation_dtype(x.dtype for x in leaves)
-        plan = layout([x.size for x in leaves])
+        plan = layout(leaves, pack)
         matrices = rows(magnitudes(leaves, acc), plan)
         if ord == "1":
             norm = psum(jnp.sum(per_leaf(matrices, plan, jnp.abs, jnp.sum)), axis_name)
@@ -194,18 +195,19 @@ def grad_norm(
         Array(5., dtype=float32)
         >>> jaxgrad.grad_norm(g, ord=1), jaxgrad.grad_norm(g, ord=jnp.inf, squared=True)
         (Array(7., dtype=float32), Array(16., dtype=float32))
-        >>> jaxgrad.grad_norm({"w": jnp.full(4, 1e20, jnp.bfloat16)})  # squares overflow
-        Array(2.0000e+20, dtype=float32)
+        >>> jaxgrad.grad_norm({"w": jnp.full(4, 1e20)})  # squares overflow float32
+        Array(2.e+20, dtype=float32)
     """
     check_array_leaves("grad", grad)
     check_axis_name(axis_name, optional=True)
-    return _norm(grad, ord=_check_ord(ord), squared=bool(squared), axis_name=axis_name)
+    pack = may_pack(grad, axis_name)
+    return _norm(grad, ord=_check_ord(ord), squared=bool(squared), axis_name=axis_name, pack=pack)
 
 
-@functools.partial(jax.jit, static_argnames=("axis_name",))
-def _magnitude(grad: PyTree, *, axis_name: AxisName) -> Array:
+@functools.partial(jax.jit, static_argnames=("axis_name", "pack"))
+def _magnitude(grad: PyTree, *, axis_name: AxisName, pack: bool) -> Array:
     leaves = tree_leaves(grad)
-    norm = global_norm(leaves, axis_name=axis_name)
+    norm = global_norm(leaves, axis_name=axis_name, pack=pack)
     return rms(norm, sum(x.size for x in leaves), axis_name)
 
 
@@ -239,14 +241,14 @@ def grad_magnitude(grad: PyTree, *, axis_name: AxisName = None) -> Array:
     """
     check_array_leaves("grad", grad)
     check_axis_name(axis_name, optional=True)
-    return _magnitude(grad, axis_name=axis_name)
+    return _magnitude(grad, axis_name=axis_name, pack=may_pack(grad, axis_name))
 
 
 grad_rms = grad_magnitude
 
 
-def _normalize(grad: PyTree, axis_name: AxisName) -> PyTree:
-    norm = global_norm(tree_leaves(grad), axis_name=axis_name)
+def _normalize(grad: PyTree, axis_name: AxisName, pack: bool) -> PyTree:
+    norm = global_norm(tree_leaves(grad), axis_name=axis_name, pack=pack)
     nonzero = norm != 0
     scale = jnp.where(nonzero, 1 / jnp.where(nonzero, norm, 1), 0)
 
@@ -258,8 +260,10 @@ def _normalize(grad: PyTree, axis_name: AxisName) -> PyTree:
     return jax.tree.map(rescale, grad)
 
 
-_normalize_jit = jax.jit(_normalize, static_argnames=("axis_name",))
-_normalize_donated = jax.jit(_normalize, static_argnames=("axis_name",), donate_argnames=("grad",))
+_normalize_jit = jax.jit(_normalize, static_argnames=("axis_name", "pack"))
+_normalize_donated = jax.jit(
+    _normalize, static_argnames=("axis_name", "pack"), donate_argnames=("grad",)
+)
 
 
 def grad_normalize(grad: PyTree, *, axis_name: AxisName = None) -> PyTree:
@@ -288,7 +292,7 @@ def grad_normalize(grad: PyTree, *, axis_name: AxisName = None) -> PyTree:
     """
     check_array_leaves("grad", grad, inexact=True)
     check_axis_name(axis_name, optional=True)
-    return _normalize_jit(grad, axis_name=axis_name)
+    return _normalize_jit(grad, axis_name=axis_name, pack=may_pack(grad, axis_name))
 
 
 def grad_normalize_(grad: PyTree, *, axis_name: AxisName = None, donate: bool = False) -> PyTree:
@@ -323,10 +327,11 @@ def grad_normalize_(grad: PyTree, *, axis_name: AxisName = None, donate: bool = 
     """
     check_array_leaves("grad", grad, inexact=True)
     check_axis_name(axis_name, optional=True)
+    pack = may_pack(grad, axis_name)
     if donate and not _traced(grad):
         check_donatable("grad", grad)
-        return _normalize_donated(grad, axis_name=axis_name)
-    return _normalize_jit(grad, axis_name=axis_name)
+        return _normalize_donated(grad, axis_name=axis_name, pack=pack)
+    return _normalize_jit(grad, axis_name=axis_name, pack=pack)
 
 
 def _traced(tree: PyTree) -> bool:

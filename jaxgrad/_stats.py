@@ -20,6 +20,7 @@ from ._numerics import (
     accumulation_dtype,
     layout,
     magnitudes,
+    may_pack,
     norms,
     per_leaf,
     rms,
@@ -157,7 +158,7 @@ class GroupStats:
         >>> stats.names
         ('', 'b', 'w')
         >>> stats.norm
-        Array([inf,  5., inf], dtype=float32)
+        Array([inf, inf,  5.], dtype=float32)
         >>> stats.as_dict()["max_abs/w"], stats.as_dict()["nonfinite"]
         (4.0, 1)
     """
@@ -218,6 +219,7 @@ def measure(
     leaves: list[Array],
     groups: Groups | None,
     axis_name: AxisName,
+    pack: bool = True,
 ) -> tuple[Array, GroupStats | None]:
     """The global L2 norm and, for `groups`, the `GroupStats`: one read of the gradient.
 
@@ -229,10 +231,10 @@ def measure(
     sizes = [x.size for x in leaves]
     whole = Segments.whole(len(leaves))
     if groups is None:
-        result = norms(leaves, [whole], axis_name=axis_name)
+        result = norms(leaves, [whole], axis_name=axis_name, pack=pack)
         return result.norms[0][0], None
     acc = accumulation_dtype(x.dtype for x in leaves)
-    plan: Layout = layout(sizes)
+    plan: Layout = layout(leaves, pack)
     matrices = rows(magnitudes(leaves, acc), plan)
     user = _segments(groups, len(leaves))
     result = norms(
@@ -259,10 +261,10 @@ def _abs_max(m: Array, axis: int) -> Array:
     return jnp.max(jnp.abs(m), axis=axis, initial=0)
 
 
-@functools.partial(jax.jit, static_argnames=("groups", "axis_name"))
-def _stats(grad: PyTree, *, groups: Groups, axis_name: AxisName) -> GroupStats:
+@functools.partial(jax.jit, static_argnames=("groups", "axis_name", "pack"))
+def _stats(grad: PyTree, *, groups: Groups, axis_name: AxisName, pack: bool) -> GroupStats:
     leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
-    stats = measure(leaves, groups, axis_name)[1]
+    stats = measure(leaves, groups, axis_name, pack)[1]
     assert stats is not None
     return stats
 
@@ -321,4 +323,4 @@ def grad_stats(grad: PyTree, *, by: By = "leaf", axis_name: AxisName = None) -> 
     check_array_leaves("grad", grad)
     check_axis_name(axis_name, optional=True)
     groups = resolve_groups(grad, by)
-    return _stats(grad, groups=groups, axis_name=axis_name)
+    return _stats(grad, groups=groups, axis_name=axis_name, pack=may_pack(grad, axis_name))

@@ -1,5 +1,6 @@
 """Tree-structure checks with error messages that name the first differing key path."""
 
+import sys
 from typing import Any
 
 import jax
@@ -140,7 +141,9 @@ def check_array_leaves(name: str, tree: PyTree, *, inexact: bool = False) -> Non
                 f"it has {describe_leaf(leaf)}."
             )
         if not test(leaf):
-            if getattr(leaf, "dtype", None) is not None and isinstance(leaf, jax.Array):
+            if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                what = f"the PRNG key {describe_leaf(leaf)}, which has no gradient"
+            elif isinstance(leaf, (jax.Array, np.ndarray)):
                 what = f"an array of dtype {describe_leaf(leaf)}"
             else:
                 what = f"a {type(leaf).__name__}: {leaf!r:.80}"
@@ -187,3 +190,18 @@ def _is_inexact_leaf(leaf: Any) -> bool:
             known = False
         _INEXACT[dtype] = known
     return known
+
+
+def nnx_params(tree: Any) -> Any:
+    """A Flax `nnx.Module` as its `nnx.Param` state (what `nnx.grad` returns); else `tree`.
+
+    Every function that takes a gradient or a template accepts a module this way, as
+    `zero_grad` does. Flax is never imported here: a module can only exist if it is.
+    """
+    if "flax" not in sys.modules:
+        return tree
+    from flax import nnx
+
+    if isinstance(tree, nnx.Module):
+        return nnx.state(tree, nnx.Param)
+    return tree

@@ -102,17 +102,24 @@ def _fusions(hlo: str) -> list[str]:
     [
         (
             lambda t: jg.grad_norm(t),
-            lambda t: _reduce._norm(t, ord="2", squared=False, axis_name=None),
+            lambda t: _reduce._norm(t, ord="2", squared=False, axis_name=None, pack=True),
         ),
         (
             lambda t: jg.grad_clip(t, 1.0, by="leaf"),
             lambda t: _clip._clip(
-                t, 1.0, measure="norm", groups=_stats.resolve_groups(t, "leaf"), axis_name=None
+                t,
+                1.0,
+                measure="norm",
+                groups=_stats.resolve_groups(t, "leaf"),
+                axis_name=None,
+                pack=True,
             ),
         ),
         (
             lambda t: jg.grad_stats(t),
-            lambda t: _stats._stats(t, groups=_stats.resolve_groups(t, "leaf"), axis_name=None),
+            lambda t: _stats._stats(
+                t, groups=_stats.resolve_groups(t, "leaf"), axis_name=None, pack=True
+            ),
         ),
     ],
     ids=["norm", "clip", "stats"],
