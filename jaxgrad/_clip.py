@@ -14,7 +14,7 @@ from ._numerics import AxisName, accumulation_dtype, may_pack
 from ._numerics import rms as root_mean_square
 from ._stats import By, Groups, GroupStats, resolve_groups
 from ._stats import measure as measure_groups
-from ._structure import check_array_leaves
+from ._structure import check_array_leaves, nnx_params
 from ._typing import Array, ArrayLike, PyTree
 
 
@@ -226,6 +226,7 @@ def grad_clip(
 def _checked_clip(
     grad: PyTree, bound: Any, measure: str, by: By, axis_name: AxisName
 ) -> tuple[PyTree, GradStats]:
+    grad = nnx_params(grad)
     check_array_leaves("grad", grad, inexact=True)
     check_axis_name(axis_name, optional=True)
     groups = None if by is None else resolve_groups(grad, by)

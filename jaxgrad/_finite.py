@@ -30,6 +30,7 @@ from ._structure import (
     check_same_shapes,
     check_same_structure,
     describe_leaf,
+    nnx_params,
     where,
 )
 from ._typing import Array, ArrayLike, PyTree
@@ -65,6 +66,7 @@ def grad_all_finite(grad: PyTree, *, axis_name: AxisName = None) -> Array:
         >>> jaxgrad.grad_all_finite({})
         Array(True, dtype=bool)
     """
+    grad = nnx_params(grad)
     check_array_leaves("grad", grad)
     check_axis_name(axis_name, optional=True)
     return _all_finite(grad, axis_name=axis_name, pack=may_pack(grad, axis_name))
@@ -226,6 +228,7 @@ def grad_nonfinite_report(grad: PyTree, *, axis_name: AxisName = None) -> Nonfin
         >>> report.first_path()
         'weights/0'
     """
+    grad = nnx_params(grad)
     check_array_leaves("grad", grad)
     check_axis_name(axis_name, optional=True)
     return NonfiniteReport(
@@ -305,6 +308,7 @@ def grad_where_finite(
         >>> jaxgrad.grad_where_finite({"w": jnp.array([1.0, 2.0])}, 0.0)
         {'w': Array([1., 2.], dtype=float32)}
     """
+    grad = nnx_params(grad)
     check_array_leaves("grad", grad)
     check_axis_name(axis_name, optional=True)
     fallback_leaves = _fallback_leaves(grad, fallback)

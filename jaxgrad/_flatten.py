@@ -9,7 +9,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ._dispatch import compiled, has_tracer
-from ._structure import check_array_leaves, describe_leaf, short_dtype, where
+from ._structure import check_array_leaves, describe_leaf, nnx_params, short_dtype, where
 from ._typing import Array, ArrayLike, PyTree
 
 
@@ -86,7 +86,6 @@ def _mixed_kinds_error(grad: PyTree, leaves: list[Array]) -> TypeError:
     )
 
 
-@compiled()
 def grad_flatten(grad: PyTree) -> Array:
     """All entries of a gradient as one 1-D vector.
 
@@ -118,6 +117,11 @@ def grad_flatten(grad: PyTree) -> Array:
         >>> jaxgrad.grad_flatten({"n": jnp.array([255], jnp.uint8), "w": jnp.ones(1, jnp.bfloat16)})
         Array([255, 1], dtype=bfloat16)
     """
+    return _flatten(nnx_params(grad))
+
+
+@compiled()
+def _flatten(grad: PyTree) -> Array:
     check_array_leaves("grad", grad)
     leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
     dtypes = [np.dtype(x.dtype) for x in leaves]
@@ -183,6 +187,7 @@ def grad_unflatten(vector: ArrayLike, like: PyTree) -> PyTree:
         >>> jaxgrad.grad_unflatten(jnp.arange(4.0), like).weights[0]
         Array([[2., 3.]], dtype=float32)
     """
+    like = nnx_params(like)
     vector = jnp.asarray(vector)
     if vector.ndim != 1:
         raise ValueError(f"`vector` must be 1-D; got shape {tuple(vector.shape)}.")

@@ -8,7 +8,7 @@ import jax
 
 from ._dispatch import has_tracer
 from ._donate import check_donatable
-from ._structure import check_callable, check_same_structure, where
+from ._structure import check_callable, check_same_structure, nnx_params, where
 from ._typing import PyTree
 
 
@@ -67,6 +67,7 @@ def grad_apply(func: Callable[[Any], Any], grad: PyTree) -> PyTree:
         >>> jaxgrad.grad_apply(jnp.square, {"w": jnp.array([1.0, 2.0]), "b": jnp.array([3.0])})
         {'b': Array([9.], dtype=float32), 'w': Array([1., 4.], dtype=float32)}
     """
+    grad = nnx_params(grad)
     check_callable("func", func)
     return jax.tree.map(func, grad)
 
@@ -114,6 +115,7 @@ def grad_apply_(func_: Callable[[Any], Any], grad: PyTree, *, donate: bool = Fal
         >>> g.layers[0].is_deleted()
         True
     """
+    grad = nnx_params(grad)
     check_callable("func_", func_)
     if donate and not has_tracer(grad):
         check_donatable("grad", grad)
@@ -148,6 +150,7 @@ def grad_mapzip(func: Callable[[Any, Any], Any], grad1: PyTree, grad2: PyTree) -
         >>> jaxgrad.grad_mapzip(jnp.add, a, b)
         {'b': Array([3.], dtype=float32), 'w': Array([11., 22.], dtype=float32)}
     """
+    grad1, grad2 = nnx_params(grad1), nnx_params(grad2)
     check_callable("func", func)
     check_same_structure("grad1", grad1, "grad2", grad2)
     return jax.tree.map(func, grad1, grad2)
@@ -192,6 +195,7 @@ def grad_mapzip_(
         >>> jaxgrad.grad_mapzip_(lambda m, x: 0.9 * m + 0.1 * x, mean, g)
         {'w': Array([0.1, 0.2], dtype=float32)}
     """
+    grad1, grad2 = nnx_params(grad1), nnx_params(grad2)
     check_callable("func_", func_)
     check_same_structure("grad1", grad1, "grad2", grad2)
     if donate and not has_tracer((grad1, grad2)):

@@ -26,7 +26,7 @@ from ._numerics import (
     tree_leaves,
     widen,
 )
-from ._structure import check_array_leaves, check_callable, describe_leaf, where
+from ._structure import check_array_leaves, check_callable, describe_leaf, nnx_params, where
 from ._typing import Array, ArrayLike, PyTree
 
 
@@ -64,6 +64,7 @@ def grad_accumulate(
         >>> jaxgrad.grad_accumulate(jnp.sum, g)
         Array(7., dtype=float32)
     """
+    grad = nnx_params(grad)
     check_callable("func", func)
     leaves = jax.tree.leaves(grad)
     values = [func(leaf) for leaf in leaves]
@@ -122,6 +123,7 @@ def grad_fold(func: Callable[[Any, Any], Any], grad: PyTree, initial: Any = 0.0)
         >>> jaxgrad.grad_fold(lambda acc, x: jnp.maximum(acc, jnp.max(jnp.abs(x))), g)
         Array(5., dtype=float32)
     """
+    grad = nnx_params(grad)
     check_callable("func", func)
     return functools.reduce(func, jax.tree.leaves(grad), initial)
 
@@ -198,6 +200,7 @@ def grad_norm(
         >>> jaxgrad.grad_norm({"w": jnp.full(4, 1e20)})  # squares overflow float32
         Array(2.e+20, dtype=float32)
     """
+    grad = nnx_params(grad)
     check_array_leaves("grad", grad)
     check_axis_name(axis_name, optional=True)
     pack = may_pack(grad, axis_name)
@@ -239,6 +242,7 @@ def grad_magnitude(grad: PyTree, *, axis_name: AxisName = None) -> Array:
         >>> jaxgrad.grad_rms is jaxgrad.grad_magnitude
         True
     """
+    grad = nnx_params(grad)
     check_array_leaves("grad", grad)
     check_axis_name(axis_name, optional=True)
     return _magnitude(grad, axis_name=axis_name, pack=may_pack(grad, axis_name))
@@ -290,6 +294,7 @@ def grad_normalize(grad: PyTree, *, axis_name: AxisName = None) -> PyTree:
         >>> jaxgrad.grad_normalize({"w": jnp.array([3.0, 4.0])})
         {'w': Array([0.6, 0.8], dtype=float32)}
     """
+    grad = nnx_params(grad)
     check_array_leaves("grad", grad, inexact=True)
     check_axis_name(axis_name, optional=True)
     return _normalize_jit(grad, axis_name=axis_name, pack=may_pack(grad, axis_name))
@@ -325,6 +330,7 @@ def grad_normalize_(grad: PyTree, *, axis_name: AxisName = None, donate: bool = 
         >>> g.layers[0].is_deleted()
         True
     """
+    grad = nnx_params(grad)
     check_array_leaves("grad", grad, inexact=True)
     check_axis_name(axis_name, optional=True)
     pack = may_pack(grad, axis_name)

@@ -26,7 +26,7 @@ from ._numerics import (
     rms,
     rows,
 )
-from ._structure import check_array_leaves, describe_leaf, where
+from ._structure import check_array_leaves, describe_leaf, nnx_params, where
 from ._typing import Array, PyTree
 
 By = str | Callable[[tuple[Any, ...], Any], str | None] | None
@@ -320,6 +320,7 @@ def grad_stats(grad: PyTree, *, by: By = "leaf", axis_name: AxisName = None) -> 
         >>> logs["norm/layers/0"], logs["nonfinite"], logs["nonfinite/weights/0"]
         (5.0, 1, 1)
     """  # noqa: E501
+    grad = nnx_params(grad)
     check_array_leaves("grad", grad)
     check_axis_name(axis_name, optional=True)
     groups = resolve_groups(grad, by)
