@@ -138,15 +138,22 @@ def _clip(
 ) -> tuple[PyTree, GradStats]:
     leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
     acc = accumulation_dtype(x.dtype for x in leaves)
-    norm, group_stats = measure_groups(leaves, groups, axis_name, pack)
-    norm = norm.astype(acc)
-    rms = root_mean_square(norm, sum(x.size for x in leaves), axis_name)
-    value = norm if measure == "norm" else rms
     bound = jnp.asarray(bound).astype(acc)
-    finite = jnp.isfinite(norm)
-    over = finite & (value > bound)
-    divisor = jnp.where(over, value, 1)  # never 0 where it is used, so no NaN in derivatives
-    scale = jnp.where(over, bound / divisor, 1)
+    entries = sum(x.size for x in leaves)
+
+    def decide(norm: Array) -> tuple[Array, ...]:
+        """Every scalar the leaves need, computed once (inside the norms' conditional)."""
+        norm = norm.astype(acc)
+        rms = root_mean_square(norm, entries, axis_name)
+        value = norm if measure == "norm" else rms
+        finite = jnp.isfinite(norm)
+        over = finite & (value > bound)
+        divisor = jnp.where(over, value, 1)  # never 0 where used: no NaN in derivatives
+        scale = jnp.where(over, bound / divisor, 1)
+        return norm, rms, finite, over, divisor, scale
+
+    decided, group_stats = measure_groups(leaves, groups, axis_name, pack, decide)
+    norm, rms, finite, over, divisor, scale = decided
 
     def rescale(x: Any) -> Array:
         x = jnp.asarray(x)

@@ -15,6 +15,7 @@ from ._numerics import (
     AxisName,
     accumulation_dtype,
     count_dtype,
+    from_global_norm,
     global_norm,
     layout,
     magnitudes,
@@ -263,7 +264,7 @@ def _where_finite(
     grad: PyTree, fallback_leaves: list[Any], *, axis_name: AxisName, pack: bool
 ) -> PyTree:
     leaves, treedef = jax.tree.flatten(grad)
-    ok = jnp.isfinite(global_norm(tree_leaves(grad), axis_name=axis_name, pack=pack))
+    ok = from_global_norm(tree_leaves(grad), jnp.isfinite, axis_name=axis_name, pack=pack)
 
     def pick(x: Any, y: Any) -> Array:
         x = jnp.asarray(x)

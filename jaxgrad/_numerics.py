@@ -6,7 +6,7 @@ linearly with the number of leaves and read the gradient as few times as optax d
 - Per-leaf partial results are computed on *packed* leaves: every leaf with at most
   `PACK_LIMIT` entries is raveled, zero-padded to a power-of-two length and stacked
   with the other small leaves of that length into one matrix, so a model's hundreds of
-  biases and norm scales cost a few row reductions, not hundreds of fusions (and a few
+  biases and norm scales cost a few row reductions, not hundreds of fusions (and
   seconds of compilation, not a minute, at thousands of leaves). Larger leaves are
   reduced one by one, as rows of length `size`. Every transform used is zero at zero,
   so the padding changes nothing.
@@ -35,6 +35,10 @@ AxisName = str | tuple[str, ...] | None
 
 PACK_LIMIT = 4096
 """Leaves with at most this many entries are packed into shared matrices."""
+
+PACK_ROWS = 64
+"""Leaves per packed matrix: XLA compiles many small concatenations much faster than one
+large one (2,000 leaves: 0.9 s against 2.9 s on a 2-core CPU)."""
 
 
 def accumulation_dtype(dtypes: Any) -> np.dtype:
@@ -142,7 +146,11 @@ def layout(leaves: Sequence[Array], pack: bool = True) -> Layout:
             buckets.setdefault(1 << max(leaf.size - 1, 0).bit_length(), []).append(i)
         else:
             alone.append((None, (i,)))
-    pieces = [(length, tuple(idx)) for length, idx in sorted(buckets.items())] + alone
+    pieces = [
+        (length, tuple(idx[start : start + PACK_ROWS]))
+        for length, idx in sorted(buckets.items())
+        for start in range(0, len(idx), PACK_ROWS)
+    ] + alone
     order = np.array([i for _, idx in pieces for i in idx], dtype=np.int64)
     inverse = np.empty_like(order)
     inverse[order] = np.arange(order.size)
@@ -270,10 +278,14 @@ class Segments(NamedTuple):
 
 
 class Norms(NamedTuple):
-    """What `norms` computes: per segmentation, the group norms; and non-finite counts."""
+    """What `norms` computes: per segmentation, the group norms; non-finite counts; extra.
+
+    `extra` is what the `epilogue` made of the norms, inside the conditional.
+    """
 
     norms: list[Array]
     nonfinite: list[Array] | None
+    extra: Any = None
 
 
 def norms(
@@ -285,12 +297,17 @@ def norms(
     pack: bool = True,
     matrices: list[Array] | None = None,
     plan: Layout | None = None,
+    epilogue: Callable[[list[Array]], Any] | None = None,
 ) -> Norms:
     """L2 norms of groups of leaves, exact for every finite input; one read when ordinary.
 
     `segments[0]` must hold every leaf (its total decides the branch). With
     `nonfinite=True` the NaN/inf entries of each group are counted too (zeros without
     reading the gradient again when the sum of squares is finite).
+
+    `epilogue(norms)` runs inside both branches and its result comes out of the
+    conditional as `extra`: the scalars that every leaf's output fusion reads (a scale,
+    a flag) are then computed once and passed in, never re-derived in each fusion.
     """
     leaves = [jnp.asarray(x) for x in leaves]
     acc = accumulation_dtype(x.dtype for x in leaves)
@@ -302,12 +319,15 @@ def norms(
     sums = psum([seg.sum(sq) for seg in segments], axis_name)
     counting = count_dtype(int(sum(sizes)) * axis_size(axis_name))
 
+    def finish(result: Norms) -> Norms:
+        return result._replace(extra=None if epilogue is None else epilogue(result.norms))
+
     def ordinary(matrices: list[Array]) -> Norms:
         counts = [jnp.zeros(seg.groups, counting) for seg in segments] if nonfinite else None
-        return Norms([safe_sqrt(s) for s in sums], counts)
+        return finish(Norms([safe_sqrt(s) for s in sums], counts))
 
     def rescued(matrices: list[Array]) -> Norms:
-        return _rescued(matrices, plan, segments, sq, axis_name, nonfinite, counting)
+        return finish(_rescued(matrices, plan, segments, sq, axis_name, nonfinite, counting))
 
     if not leaves:
         return ordinary(matrices)
@@ -350,6 +370,25 @@ def global_norm(leaves: Sequence[Array], *, axis_name: AxisName = None, pack: bo
     """The L2 norm of all entries of `leaves` (0-d), exact for every finite input."""
     segments = [Segments.whole(len(leaves))]
     return norms(leaves, segments, axis_name=axis_name, pack=pack).norms[0][0]
+
+
+def from_global_norm(
+    leaves: Sequence[Array],
+    epilogue: Callable[[Array], Any],
+    *,
+    axis_name: AxisName = None,
+    pack: bool = True,
+) -> Any:
+    """`epilogue(global L2 norm)`, computed once inside the norms' conditional."""
+    segments = [Segments.whole(len(leaves))]
+    result = norms(
+        leaves,
+        segments,
+        axis_name=axis_name,
+        pack=pack,
+        epilogue=lambda found: epilogue(found[0][0]),
+    )
+    return result.extra
 
 
 def rms(norm: Array, entries: Any, axis_name: AxisName) -> Array:

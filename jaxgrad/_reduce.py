@@ -15,6 +15,7 @@ from ._donate import check_donatable
 from ._numerics import (
     AxisName,
     accumulation_dtype,
+    from_global_norm,
     global_norm,
     layout,
     magnitudes,
@@ -251,10 +252,14 @@ def grad_magnitude(grad: PyTree, *, axis_name: AxisName = None) -> Array:
 grad_rms = grad_magnitude
 
 
-def _normalize(grad: PyTree, axis_name: AxisName, pack: bool) -> PyTree:
-    norm = global_norm(tree_leaves(grad), axis_name=axis_name, pack=pack)
+def _inverse(norm: Array) -> Array:
     nonzero = norm != 0
-    scale = jnp.where(nonzero, 1 / jnp.where(nonzero, norm, 1), 0)
+    return jnp.where(nonzero, 1 / jnp.where(nonzero, norm, 1), 0)
+
+
+def _normalize(grad: PyTree, axis_name: AxisName, pack: bool) -> PyTree:
+    leaves = tree_leaves(grad)
+    scale = from_global_norm(leaves, _inverse, axis_name=axis_name, pack=pack)
 
     def rescale(x: Any) -> Array:
         x = jnp.asarray(x)

@@ -220,25 +220,34 @@ def measure(
     groups: Groups | None,
     axis_name: AxisName,
     pack: bool = True,
-) -> tuple[Array, GroupStats | None]:
-    """The global L2 norm and, for `groups`, the `GroupStats`: one read of the gradient.
+    epilogue: Callable[[Array], Any] = lambda norm: norm,
+) -> tuple[Any, GroupStats | None]:
+    """`epilogue(global L2 norm)` and, for `groups`, the `GroupStats`: one read of the gradient.
 
     The per-leaf partial sums of squares, shared by the norm, the group norms and the
     RMS, are computed once on packed leaves; max-abs takes a second reduction (fused
     into the same kernel on GPU); non-finite entries are counted only when the sum of
-    squares is not finite (see `_numerics`).
+    squares is not finite; `epilogue` runs once, inside the norms' conditional (see
+    `_numerics.norms`).
     """
     sizes = [x.size for x in leaves]
     whole = Segments.whole(len(leaves))
+    on_global = lambda found: epilogue(found[0][0])  # noqa: E731
     if groups is None:
-        result = norms(leaves, [whole], axis_name=axis_name, pack=pack)
-        return result.norms[0][0], None
+        result = norms(leaves, [whole], axis_name=axis_name, pack=pack, epilogue=on_global)
+        return result.extra, None
     acc = accumulation_dtype(x.dtype for x in leaves)
     plan: Layout = layout(leaves, pack)
     matrices = rows(magnitudes(leaves, acc), plan)
     user = _segments(groups, len(leaves))
     result = norms(
-        leaves, [whole, user], axis_name=axis_name, nonfinite=True, matrices=matrices, plan=plan
+        leaves,
+        [whole, user],
+        axis_name=axis_name,
+        nonfinite=True,
+        matrices=matrices,
+        plan=plan,
+        epilogue=on_global,
     )
     assert result.nonfinite is not None
     largest = per_leaf(matrices, plan, lambda m: m, _abs_max)
@@ -254,7 +263,7 @@ def measure(
         nonfinite=jnp.concatenate(result.nonfinite),
         names=("", *(name for name, _ in groups)),
     )
-    return norm[0], stats
+    return result.extra, stats
 
 
 def _abs_max(m: Array, axis: int) -> Array:
