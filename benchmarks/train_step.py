@@ -207,6 +207,7 @@ class Runner:
     compile_s: float
     hlo_chars: int
     times: list[float] = field(default_factory=list)
+    compile_times: list[float] = field(default_factory=list)
 
     def step(self, batch: Batch) -> float:
         """Run one step, keep its new params and state; the wall time in seconds."""
@@ -222,21 +223,33 @@ def _copy(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: x.copy(), tree)
 
 
+def _compile(name: str, params: PyTree, opt_state: PyTree, batch: Batch) -> tuple[Any, float]:
+    """`name`'s step compiled with a fresh `jax.jit` of a fresh function, and the seconds."""
+    jitted = jax.jit(make_step(PROCESS[name], make_optimizer(name)), donate_argnums=(0, 1))
+    start = time.perf_counter()
+    compiled = jitted.lower(params, opt_state, batch).compile()
+    return compiled, time.perf_counter() - start
+
+
 def build(name: str, params: PyTree, batch: Batch) -> Runner:
     """Compile `name`'s step on its own copy of `params` (timed), with a fresh `jax.jit`."""
-    opt = make_optimizer(name)
     own = _copy(params)
-    opt_state = opt.init(own)
+    opt_state = make_optimizer(name).init(own)
     jax.block_until_ready((own, opt_state))
-    jitted = jax.jit(make_step(PROCESS[name], opt), donate_argnums=(0, 1))
-    start = time.perf_counter()
-    compiled = jitted.lower(own, opt_state, batch).compile()
-    compile_s = time.perf_counter() - start
-    return Runner(name, compiled, own, opt_state, compile_s, len(compiled.as_text()))
+    compiled, compile_s = _compile(name, own, opt_state, batch)
+    runner = Runner(name, compiled, own, opt_state, compile_s, len(compiled.as_text()))
+    runner.compile_times.append(compile_s)
+    return runner
 
 
-def measure(names: list[str], params: PyTree, batch: Batch, rounds: int) -> list[Runner]:
-    """Compile every variant, warm up, then time `rounds` interleaved rounds."""
+def measure(
+    names: list[str], params: PyTree, batch: Batch, rounds: int, compile_rounds: int = 1
+) -> list[Runner]:
+    """Compile every variant (`compile_rounds` times, interleaved), then time `rounds` rounds.
+
+    A shared machine's load drifts over minutes, so the compiles are interleaved in a
+    shuffled order like the steps, and the median is reported.
+    """
     # One untimed compile first, so that the first variant does not pay the process's
     # one-time costs (lowering rules, jnp's own jitted helpers at these shapes).
     warm = make_optimizer("plain")
@@ -244,6 +257,13 @@ def measure(names: list[str], params: PyTree, batch: Batch, rounds: int) -> list
         params, warm.init(params), batch
     ).compile()
     runners = [build(name, params, batch) for name in names]
+    shuffle = random.Random(1)
+    for _ in range(compile_rounds - 1):
+        for runner in shuffle.sample(runners, len(runners)):
+            _, seconds = _compile(runner.name, runner.params, runner.opt_state, batch)
+            runner.compile_times.append(seconds)
+    for runner in runners:
+        runner.compile_s = statistics.median(runner.compile_times)
     for runner in runners:
         for _ in range(WARMUP_STEPS):
             runner.step(batch)
@@ -298,6 +318,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--dim", type=int, help="model width D (default 128; GPU 1024)")
     parser.add_argument("--batch", type=int, help="batch size (default 128; GPU 512)")
     parser.add_argument("--rounds", type=int, help="timed interleaved rounds (default 20)")
+    parser.add_argument(
+        "--compile-rounds",
+        type=int,
+        default=None,
+        help="compiles per variant, interleaved; the median is reported (default 3, smoke 1)",
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
         "--gpu-size",
@@ -335,7 +361,8 @@ def main(argv: list[str] | None = None) -> str:
     n_params = sum(x.size for x in jax.tree.leaves(params))
     n_leaves = len(jax.tree.leaves(params))
     _FULL_FORM.clear()
-    runners = measure(names, params, batch, rounds)
+    compile_rounds = args.compile_rounds or (1 if preset == "smoke" else 3)
+    runners = measure(names, params, batch, rounds, compile_rounds)
 
     header = (
         f"# jaxgrad in a jitted train step\n\n"
@@ -344,7 +371,8 @@ def main(argv: list[str] | None = None) -> str:
         f"{platform.processor() or platform.machine()}; {blocks} blocks, {n_leaves} leaves, "
         f"D={dim}, batch {batch_size}, {n_params:,} parameters; adamw(1e-3), "
         f"params and state donated; median of {rounds} interleaved rounds after "
-        f"{WARMUP_STEPS} warm-up steps."
+        f"{WARMUP_STEPS} warm-up steps; compile time: median of {compile_rounds} "
+        "interleaved compiles."
     )
     notes = []
     if "jaxgrad full diagnostics" in names:

@@ -11,13 +11,13 @@ import numpy as np
 from jax.core import Tracer
 from jax.sharding import PartitionSpec, Sharding
 
-from ._dispatch import compiled, has_tracer
 from ._gradient import Gradient
 from ._structure import (
     check_array_leaves,
     check_callable,
     check_same_structure,
     describe_leaf,
+    is_traced,
     where,
 )
 from ._typing import Array, DTypeLike, PyTree
@@ -209,7 +209,7 @@ def _check_dtype(dtype: Any) -> Any:
         ) from None
 
 
-@compiled(static_argnames=("dtype",))
+@functools.partial(jax.jit, static_argnames=("dtype",))
 def _zeros_like(params: PyTree, dtype: Any = None) -> PyTree:
     return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype), params)
 
@@ -292,7 +292,7 @@ def random_grad(
         spec = tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves)
         generate = _random_sharded(treedef, tuple(jax.tree.leaves(shardings)))
         return generate(key, treedef, spec, sampler)
-    if any(sampler is s for s in _PURE_SAMPLERS) and not has_tracer((params, key)):
+    if any(sampler is s for s in _PURE_SAMPLERS) and not is_traced((params, key)):
         return _random_like_jit(params, key, sampler)
     return _random_like(params, key, sampler)
 

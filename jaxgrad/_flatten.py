@@ -8,8 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ._dispatch import compiled, has_tracer
-from ._structure import check_array_leaves, describe_leaf, nnx_params, short_dtype, where
+from ._structure import (
+    check_array_leaves,
+    describe_leaf,
+    is_traced,
+    nnx_params,
+    short_dtype,
+    where,
+)
 from ._typing import Array, ArrayLike, PyTree
 
 
@@ -117,16 +123,20 @@ def grad_flatten(grad: PyTree) -> Array:
         >>> jaxgrad.grad_flatten({"n": jnp.array([255], jnp.uint8), "w": jnp.ones(1, jnp.bfloat16)})
         Array([255, 1], dtype=bfloat16)
     """
-    return _flatten(nnx_params(grad))
-
-
-@compiled()
-def _flatten(grad: PyTree) -> Array:
+    grad = nnx_params(grad)
     check_array_leaves("grad", grad)
+    leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
+    if _flat_dtype([np.dtype(x.dtype) for x in leaves]) is None:
+        raise _mixed_kinds_error(grad, leaves)
+    return _flatten(grad)
+
+
+@jax.jit
+def _flatten(grad: PyTree) -> Array:
     leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
     dtypes = [np.dtype(x.dtype) for x in leaves]
     dtype = _flat_dtype(dtypes)
-    if dtype is None:
+    if dtype is None:  # checked in front, by `grad_flatten`
         raise _mixed_kinds_error(grad, leaves)
     if not leaves:
         return jnp.zeros((0,), dtype)
@@ -200,7 +210,7 @@ def grad_unflatten(vector: ArrayLike, like: PyTree) -> PyTree:
             "they must be equal."
         )
     _check_casts(np.dtype(vector.dtype), like, [dtype for _, dtype in spec])
-    if has_tracer(vector):
+    if is_traced(vector):
         return _unflatten(vector, treedef, spec)
     return _unflatten_jit(vector, treedef, spec)
 

@@ -6,9 +6,8 @@ from typing import Any
 
 import jax
 
-from ._dispatch import has_tracer
 from ._donate import check_donatable
-from ._structure import check_callable, check_same_structure, nnx_params, where
+from ._structure import check_callable, check_same_structure, is_traced, nnx_params, where
 from ._typing import PyTree
 
 
@@ -117,7 +116,7 @@ def grad_apply_(func_: Callable[[Any], Any], grad: PyTree, *, donate: bool = Fal
     """
     grad = nnx_params(grad)
     check_callable("func_", func_)
-    if donate and not has_tracer(grad):
+    if donate and not is_traced(grad):
         check_donatable("grad", grad)
         return _apply_donated(func_, grad)
     return _map_new_leaves("grad_apply_", "grad", func_, grad)
@@ -198,7 +197,7 @@ def grad_mapzip_(
     grad1, grad2 = nnx_params(grad1), nnx_params(grad2)
     check_callable("func_", func_)
     check_same_structure("grad1", grad1, "grad2", grad2)
-    if donate and not has_tracer((grad1, grad2)):
+    if donate and not is_traced((grad1, grad2)):
         check_donatable("grad1", grad1, grad2=grad2)
         return _mapzip_donated(func_, grad1, grad2)
     return _map_new_leaves("grad_mapzip_", "grad1", func_, grad1, grad2)

@@ -8,7 +8,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.core import Tracer
 
 from ._collectives import check_axis_name
 from ._donate import check_donatable
@@ -27,7 +26,14 @@ from ._numerics import (
     tree_leaves,
     widen,
 )
-from ._structure import check_array_leaves, check_callable, describe_leaf, nnx_params, where
+from ._structure import (
+    check_array_leaves,
+    check_callable,
+    describe_leaf,
+    is_traced,
+    nnx_params,
+    where,
+)
 from ._typing import Array, ArrayLike, PyTree
 
 
@@ -339,11 +345,7 @@ def grad_normalize_(grad: PyTree, *, axis_name: AxisName = None, donate: bool = 
     check_array_leaves("grad", grad, inexact=True)
     check_axis_name(axis_name, optional=True)
     pack = may_pack(grad, axis_name)
-    if donate and not _traced(grad):
+    if donate and not is_traced(grad):
         check_donatable("grad", grad)
         return _normalize_donated(grad, axis_name=axis_name, pack=pack)
     return _normalize_jit(grad, axis_name=axis_name, pack=pack)
-
-
-def _traced(tree: PyTree) -> bool:
-    return any(isinstance(x, Tracer) for x in jax.tree.leaves(tree))

@@ -6,6 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from ._typing import PyTree
 
@@ -205,3 +206,8 @@ def nnx_params(tree: Any) -> Any:
     if isinstance(tree, nnx.Module):
         return nnx.state(tree, nnx.Param)
     return tree
+
+
+def is_traced(tree: Any) -> bool:
+    """Whether a leaf of `tree` is a tracer (we are inside the user's `jax.jit` or `grad`)."""
+    return any(isinstance(leaf, Tracer) for leaf in jax.tree.leaves(tree))

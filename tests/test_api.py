@@ -1,3 +1,4 @@
+import ast
 import importlib.metadata
 import inspect
 import re
@@ -8,7 +9,9 @@ import pytest
 import jaxgrad as jg
 from jaxgrad import gradient_util as gu
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+API = ROOT / "docs" / "api.md"
 
 
 PAYSAGE_API = [
@@ -57,8 +60,26 @@ def test_every_public_name_has_a_docstring_with_an_example(name):
 
 
 @pytest.mark.parametrize("name", jg.__all__)
-def test_every_public_name_is_in_the_readme_api_table(name):
-    assert re.search(rf"^\| `{re.escape(name)}[(`]", README.read_text(), re.M), name
+def test_every_public_name_is_in_the_api_table(name):
+    assert re.search(rf"^\| `{re.escape(name)}[(`]", API.read_text(), re.M), name
+
+
+def test_the_readme_stays_short():
+    assert len(README.read_bytes()) <= 10_000
+
+
+def test_no_module_imports_another_modules_private_name():
+    """The house rule: modules share only the base layer's public names (STYLE.md, rule 1)."""
+    offenders = []
+    for path in sorted((ROOT / "jaxgrad").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                offenders += [
+                    f"{path.name}: from {'.' * node.level}{node.module or ''} import {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_")
+                ]
+    assert not offenders, offenders
 
 
 def test_version_comes_from_the_package_metadata():
