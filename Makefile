@@ -25,6 +25,8 @@ lint: $(BIN)/python
 
 bench: $(BIN)/python
 	$(PIP) -e ".[test]"
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/leaf_cost.py
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/accumulation_memory.py
 
