@@ -57,7 +57,7 @@ def count_dtype(entries: int) -> np.dtype:
     """The dtype that counts up to `entries` exactly: int32, else int64 (x64) or float32."""
     if entries < 2**31:
         return np.dtype(np.int32)
-    wide = jnp.zeros((), jnp.int64).dtype == np.dtype(np.int64)  # x64 is on
+    wide = jax.dtypes.canonicalize_dtype(np.int64) == np.dtype(np.int64)  # x64 is on
     return np.dtype(np.int64) if wide else np.dtype(np.float32)
 
 
