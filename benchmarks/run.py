@@ -27,7 +27,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -82,8 +81,21 @@ def _tree_sumsq(t: Any) -> Any:
     return sum(jax.tree.leaves(jax.tree.map(lambda x: jnp.sum(x * x), t)))
 
 
+def _optax_tree_utils() -> Any:
+    """`optax.tree_utils`, imported when a benchmark first needs it (so `--help` needs no optax)."""
+    try:
+        import optax.tree_utils as otu
+    except ImportError as error:
+        raise SystemExit(
+            "benchmarks/run.py compares jaxgrad with optax, which is not installed: "
+            "pip install -e '.[test]'"
+        ) from error
+    return otu
+
+
 def build_rows(tree: Any) -> list[Row]:
     """Every operation with its variants, on `tree`."""
+    otu = _optax_tree_utils()
     other = jax.tree.map(lambda x: x + 1, tree)
     flat = jg.grad_flatten(tree)
     flat2 = flat + 1
@@ -340,6 +352,7 @@ def table(times: dict[str, dict[str, float]]) -> str:
 
 def compile_times(leaves: int, rounds: int) -> tuple[float, float]:
     """Median seconds to trace, lower and compile a jitted norm: (jaxgrad, optax)."""
+    otu = _optax_tree_utils()
     tree = wide_tree(leaves)
     got: dict[str, list[float]] = {"jaxgrad": [], "optax": []}
     for _ in range(rounds):
