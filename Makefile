@@ -15,7 +15,7 @@ test: $(BIN)/python
 
 demo: $(BIN)/python
 	$(PIP) -e ".[demo]"
-	$(BIN)/python -m jaxgrad.demo
+	$(BIN)/python -m examples.rbm_digits
 
 lint: $(BIN)/python
 	$(PIP) -e ".[dev]"
