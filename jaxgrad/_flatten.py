@@ -1,5 +1,6 @@
 """A gradient as one flat vector and back: `grad_flatten`, `grad_unflatten`."""
 
+import functools
 import math
 from typing import Any
 
@@ -59,11 +60,23 @@ def _widenings(dtype: np.dtype) -> list[np.dtype]:
 def _flat_dtype(dtypes: list[np.dtype]) -> np.dtype | None:
     """The dtype of `grad_flatten` for leaves of these dtypes, or `None` if there is none.
 
+    Cached on the set of distinct dtypes (a model has a handful), so an eager call costs
+    a set per call, not a promotion per leaf.
+    """
+    return _flat_dtype_of(frozenset(dtypes), _x64())
+
+
+@functools.lru_cache(maxsize=256)
+def _flat_dtype_of(distinct: frozenset[np.dtype], x64: bool) -> np.dtype | None:
+    """`_flat_dtype` for a set of dtypes (`x64`: the cache key of the x64 flag).
+
     Leaves of one kind (all inexact, or all integer and boolean) are promoted by JAX's
     standard rules. Integer leaves among floating ones never round: the vector gets the
     narrowest floating dtype, at least the floating leaves' promoted one, that holds
     every integer leaf exactly; `None` if no available dtype does.
     """
+    del x64
+    dtypes = sorted(distinct, key=str)
     inexact = [d for d in dtypes if jnp.issubdtype(d, jnp.inexact)]
     integer = [d for d in dtypes if not jnp.issubdtype(d, jnp.inexact)]
     if not inexact or not integer:
@@ -125,9 +138,12 @@ def grad_flatten(grad: PyTree) -> Array:
     """
     grad = nnx_params(grad)
     check_array_leaves("grad", grad)
-    leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
-    if _flat_dtype([np.dtype(x.dtype) for x in leaves]) is None:
-        raise _mixed_kinds_error(grad, leaves)
+    leaves = jax.tree.leaves(grad)
+    if (
+        _flat_dtype([np.dtype(getattr(x, "dtype", None) or jnp.result_type(x)) for x in leaves])
+        is None
+    ):
+        raise _mixed_kinds_error(grad, [jnp.asarray(x) for x in leaves])
     return _flatten(grad)
 
 
