@@ -18,6 +18,9 @@ from ._structure import (
     check_callable,
     check_same_shapes,
     check_same_structure,
+    describe_node,
+    first_difference,
+    nnx_params,
     where,
 )
 from ._typing import Array, DTypeLike, PyTree
@@ -55,21 +58,39 @@ jax.tree_util.register_dataclass(
 )
 
 
-def _check_like(like: PyTree) -> None:
-    for path, leaf in jax.tree_util.tree_flatten_with_path(like)[0]:
-        dtype = getattr(leaf, "dtype", None)
-        if dtype is None:
-            dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            raise TypeError(
-                f"`like` must have floating-point or complex leaves; at {where(path)} it has "
-                f"dtype {np.dtype(dtype).name}."
-            )
+def _check_like(name: str, like: PyTree) -> None:
+    """The house error for a template leaf that is not floating-point (shape-only leaves pass)."""
+
+    def arrays(x: Any) -> Any:
+        inexact = isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.inexact)
+        return None if inexact else x
+
+    check_array_leaves(name, jax.tree.map(arrays, like), inexact=True)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _zeros(specs: tuple[tuple[tuple[int, ...], Any], ...]) -> tuple[list[Array], Array]:
     return [jnp.zeros(shape, dtype) for shape, dtype in specs], jnp.zeros((), jnp.int32)
+
+
+def _new(name: str, like: PyTree, dtype: DTypeLike) -> GradAccumulator:
+    """`grad_accumulator(like, dtype=dtype)`, its errors naming the argument `name`."""
+    if not jnp.issubdtype(np.dtype(dtype), jnp.floating):
+        raise ValueError(
+            f"`dtype` must be a floating-point dtype to accumulate in; got {np.dtype(dtype).name}."
+        )
+    _check_like(name, like)
+    leaves, treedef = jax.tree.flatten(like)
+    dtypes = tuple(np.dtype(x.dtype if hasattr(x, "dtype") else jnp.result_type(x)) for x in leaves)
+    with jax.numpy_dtype_promotion("standard"):
+        sums = tuple(np.dtype(jnp.promote_types(d, dtype)) for d in dtypes)
+    specs = tuple((tuple(np.shape(x)), s) for x, s in zip(leaves, sums, strict=True))
+    if has_tracer(like):
+        zeros = [jnp.zeros(shape, d) for shape, d in specs]
+        count = jnp.zeros((), jnp.int32)
+    else:
+        zeros, count = _zeros(specs)
+    return GradAccumulator(total=jax.tree.unflatten(treedef, zeros), count=count, dtypes=dtypes)
 
 
 def grad_accumulator(like: PyTree, *, dtype: DTypeLike = jnp.float32) -> GradAccumulator:
@@ -84,6 +105,7 @@ def grad_accumulator(like: PyTree, *, dtype: DTypeLike = jnp.float32) -> GradAcc
     Args:
         like: a `Gradient`, any pytree of floating-point arrays, or of
             `jax.ShapeDtypeStruct` (`jax.eval_shape` output): usually the parameters.
+            An `nnx.Module` stands for its `nnx.Param` state (what `nnx.grad` returns).
         dtype: the least precision to accumulate in; a floating-point dtype.
 
     Returns:
@@ -91,7 +113,9 @@ def grad_accumulator(like: PyTree, *, dtype: DTypeLike = jnp.float32) -> GradAcc
 
     Raises:
         ValueError: if `dtype` is not a floating-point dtype.
-        TypeError: if a leaf of `like` is not floating-point or complex.
+        TypeError: if a leaf of `like` is not a floating-point or complex array (an
+            integer counter, a PRNG key, a string, an object array...); the message
+            names its key path.
 
     Example:
         >>> params = {"w": jnp.ones(2, jnp.bfloat16)}
@@ -101,22 +125,7 @@ def grad_accumulator(like: PyTree, *, dtype: DTypeLike = jnp.float32) -> GradAcc
         >>> jaxgrad.grad_accumulator_mean(state)
         {'w': Array([1.5, 2.5], dtype=bfloat16)}
     """
-    if not jnp.issubdtype(np.dtype(dtype), jnp.floating):
-        raise ValueError(
-            f"`dtype` must be a floating-point dtype to accumulate in; got {np.dtype(dtype).name}."
-        )
-    _check_like(like)
-    leaves, treedef = jax.tree.flatten(like)
-    dtypes = tuple(np.dtype(getattr(x, "dtype", None) or jnp.result_type(x)) for x in leaves)
-    with jax.numpy_dtype_promotion("standard"):
-        sums = tuple(np.dtype(jnp.promote_types(d, dtype)) for d in dtypes)
-    specs = tuple((tuple(np.shape(x)), s) for x, s in zip(leaves, sums, strict=True))
-    if has_tracer(like):
-        zeros = [jnp.zeros(shape, d) for shape, d in specs]
-        count = jnp.zeros((), jnp.int32)
-    else:
-        zeros, count = _zeros(specs)
-    return GradAccumulator(total=jax.tree.unflatten(treedef, zeros), count=count, dtypes=dtypes)
+    return _new("like", nnx_params(like), dtype)
 
 
 def _add(state: GradAccumulator, grad: PyTree) -> GradAccumulator:
@@ -151,15 +160,16 @@ def grad_accumulator_add(
     Args:
         state: a `GradAccumulator`.
         grad: a gradient with the structure and leaf shapes of the accumulator's `like`;
-            any floating-point dtypes (cast to the sum dtype).
+            any floating-point dtypes (cast to the sum dtype). An `nnx.Module` stands
+            for its `nnx.Param` state.
         donate: reuse (and delete) the buffers of `state`.
 
     Returns:
         The updated `GradAccumulator`.
 
     Raises:
-        TypeError: if `state` is not a `GradAccumulator`, or a leaf of `grad` is not
-            floating-point or complex.
+        TypeError: if `state` is not a `GradAccumulator`, or a leaf of `grad` is not a
+            floating-point or complex array (the message names its key path).
         ValueError: if the structure or a leaf shape of `grad` differs from the
             accumulator's (the message names the first differing key path), or, with
             `donate=True`, if an array of `state` also appears in `grad`.
@@ -171,9 +181,10 @@ def grad_accumulator_add(
         ([Array([1., 2.], dtype=float32)], Array(1, dtype=int32))
     """
     _check_state(state)
+    grad = nnx_params(grad)
     check_same_structure("state.total", state.total, "grad", grad)
-    check_same_shapes("state.total", state.total, "grad", grad)
     check_array_leaves("grad", grad, inexact=True)
+    check_same_shapes("state.total", state.total, "grad", grad)
     if has_tracer((state, grad)):
         return _add(state, grad)
     if donate:
@@ -244,6 +255,34 @@ def _micro_batch_count(batches: PyTree) -> int:
     return n
 
 
+def _gradient_of(out: Any, has_aux: bool, like: PyTree) -> tuple[PyTree, Any]:
+    """`(grad, aux)` from what `grad_fn` returned, checked against the parameters `like`."""
+    if has_aux:
+        if type(out) not in (tuple, list) or len(out) != 2:
+            raise TypeError(
+                "`grad_fn` must return a pair `(grad, aux)` when `has_aux=True`, as "
+                f"`jax.grad(loss, has_aux=True)` does; it returned {describe_node(out)}."
+            )
+        (grad, aux), name = out, "grad_fn(params, batch)[0]"
+    else:
+        grad, aux, name = out, None, "grad_fn(params, batch)"
+    if grad is None:
+        raise TypeError(
+            f"`grad_fn` must return the gradient, with the structure of `params`; `{name}` is None."
+        )
+    if first_difference(like, grad) is not None:
+        pair = not has_aux and type(out) is tuple and len(out) == 2
+        if pair and first_difference(like, out[0]) is None:
+            raise ValueError(
+                "`grad_fn` returned a pair whose first entry has the structure of `params`; "
+                "if it is `(grad, aux)`, pass `has_aux=True`."
+            )
+        check_same_structure("params", like, name, grad)
+    check_array_leaves(name, grad, inexact=True)
+    check_same_shapes("params", like, name, grad)
+    return grad, aux
+
+
 def grad_accumulate_microbatches(
     grad_fn: Callable[[PyTree, PyTree], Any],
     params: PyTree,
@@ -281,10 +320,14 @@ def grad_accumulate_microbatches(
         `has_aux=True`, `(mean gradient, stacked aux)`.
 
     Raises:
-        TypeError: if `grad_fn` is not callable.
+        TypeError: if `grad_fn` is not callable; if a leaf of `params` is not a
+            floating-point array; or if
+            `grad_fn` returns `None`, a gradient with a leaf that is not floating-point,
+            or, with `has_aux=True`, anything but a pair `(grad, aux)`.
         ValueError: if `batches` has no leaves, a scalar leaf, leaves whose leading axes
-            differ, or zero micro-batches; or if `grad_fn` returns a gradient whose
-            structure or shapes differ from those of `params`.
+            differ, or zero micro-batches; if `grad_fn` returns a gradient whose
+            structure or shapes differ from those of `params` (the message names the
+            first differing key path).
 
     Example:
         >>> loss = lambda w, batch: jnp.mean((batch["x"] * w - batch["y"]) ** 2)
@@ -295,15 +338,15 @@ def grad_accumulate_microbatches(
         Array(-70., dtype=float32)
         >>> float(jax.grad(loss)(w, {"x": x, "y": 3 * x}))  # the full-batch gradient
         -70.0
+
     """
     check_callable("grad_fn", grad_fn)
     _micro_batch_count(batches)
-    init = grad_accumulator(params, dtype=dtype)
+    init = _new("params", params, dtype)
 
     def body(state: GradAccumulator, batch: PyTree) -> tuple[GradAccumulator, Any]:
-        out = grad_fn(params, batch)
-        grad, aux = out if has_aux else (out, None)
-        return grad_accumulator_add(state, grad), aux
+        grad, aux = _gradient_of(grad_fn(params, batch), has_aux, params)
+        return _add(state, grad), aux
 
     state, aux = jax.lax.scan(body, init, batches)
     mean = grad_accumulator_mean(state)
