@@ -284,8 +284,8 @@ def _gradient_of(out: Any, has_aux: bool, like: PyTree) -> tuple[PyTree, Any]:
 
 
 def grad_accumulate_microbatches(
-    grad_fn: Callable[[PyTree, PyTree], Any],
-    params: PyTree,
+    grad_fn: Callable[[Any, PyTree], Any],
+    params: Any,
     batches: PyTree,
     *,
     has_aux: bool = False,
@@ -303,31 +303,45 @@ def grad_accumulate_microbatches(
 
     `grad_fn` is traced once by `jax.lax.scan` (it must be a pure JAX function, as for
     any scan body); it is not otherwise compiled or cached by jaxgrad. Eagerly, the scan
-    is traced and compiled at every call: put the whole step under `jax.jit`.
+    is traced and compiled at every call: put the whole step under `jax.jit` (`nnx.jit`
+    for a module).
+
+    A Flax `nnx.Module` as `params` gives what an unrolled loop of
+    `nnx.grad(loss)(model, batch)` calls gives: `grad_fn(model, batch)` gets a copy of the
+    module with the same parameters and with the current non-`Param` state (batch
+    statistics, RNG counts, ...), which the scan carries from one micro-batch to the
+    next, so BatchNorm statistics and dropout RNG streams advance once per micro-batch.
+    At the end that state is written back into `params` in place, as `nnx.jit` does;
+    the result is an `nnx.State` of `nnx.Param`s, as `nnx.grad` returns. `grad_fn` must
+    not add or remove variables (no `sow`); changes it makes to `nnx.Param` variables
+    are discarded. Call it eagerly or under `nnx.jit` (under `jax.jit` the write-back,
+    as any nnx update, stays inside the trace).
 
     Args:
-        grad_fn: `(params, batch) -> grad` with the structure of `params`, or with
-            `has_aux=True`, `(params, batch) -> (grad, aux)` as `jax.grad(loss,
-            has_aux=True)` returns.
-        params: the parameters, passed unchanged to every call.
+        grad_fn: `(params, batch) -> grad` with the structure of `params` (for a
+            module, `(model, batch) -> grad` for its `nnx.Param`s, e.g.
+            `nnx.grad(loss)`), or with `has_aux=True`, `(params, batch) -> (grad, aux)`
+            as `jax.grad(loss, has_aux=True)` returns.
+        params: the parameters, passed unchanged to every call; or an `nnx.Module`.
         batches: a pytree of arrays with a common leading micro-batch axis.
         has_aux: whether `grad_fn` returns `(grad, aux)`; the `aux` values are stacked
             along a new leading axis, one entry per micro-batch.
         dtype: the least precision to accumulate in (see `grad_accumulator`).
 
     Returns:
-        The mean gradient, with the structure, shapes and dtypes of `params`; with
-        `has_aux=True`, `(mean gradient, stacked aux)`.
+        The mean gradient, with the structure, shapes and dtypes of `params` (of its
+        `nnx.Param` state for a module); with `has_aux=True`, `(mean gradient,
+        stacked aux)`.
 
     Raises:
         TypeError: if `grad_fn` is not callable; if a leaf of `params` is not a
-            floating-point array; or if
+            floating-point array (for a module, of its `nnx.Param` state); or if
             `grad_fn` returns `None`, a gradient with a leaf that is not floating-point,
             or, with `has_aux=True`, anything but a pair `(grad, aux)`.
         ValueError: if `batches` has no leaves, a scalar leaf, leaves whose leading axes
             differ, or zero micro-batches; if `grad_fn` returns a gradient whose
             structure or shapes differ from those of `params` (the message names the
-            first differing key path).
+            first differing key path); or if it adds or removes module variables.
 
     Example:
         >>> loss = lambda w, batch: jnp.mean((batch["x"] * w - batch["y"]) ** 2)
@@ -339,9 +353,32 @@ def grad_accumulate_microbatches(
         >>> float(jax.grad(loss)(w, {"x": x, "y": 3 * x}))  # the full-batch gradient
         -70.0
 
+        A Flax model in training mode, 4 micro-batches of 8 examples:
+
+        >>> from flax import nnx
+        >>> model = nnx.Sequential(
+        ...     nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+        ...     nnx.BatchNorm(4, rngs=nnx.Rngs(0)),
+        ...     nnx.Dropout(0.5, rngs=nnx.Rngs(1)),
+        ... )
+        >>> def loss(model, x):
+        ...     return jnp.mean(model(x) ** 2)
+        >>> @nnx.jit
+        ... def mean_grad(model, xs):
+        ...     return jaxgrad.grad_accumulate_microbatches(nnx.grad(loss), model, xs)
+        >>> grads = mean_grad(model, jax.random.normal(jax.random.key(2), (4, 8, 3)))
+        >>> type(grads).__name__, grads["layers"][0]["kernel"].shape
+        ('State', (3, 4))
+        >>> int(model.layers[2].rngs.count[...])  # one dropout draw per micro-batch
+        4
+        >>> bool(jnp.any(model.layers[1].mean[...] != 0))  # BatchNorm statistics moved
+        True
     """
     check_callable("grad_fn", grad_fn)
     _micro_batch_count(batches)
+    like = nnx_params(params)
+    if like is not params:
+        return _module_microbatches(grad_fn, params, batches, has_aux, dtype)
     init = _new("params", params, dtype)
 
     def body(state: GradAccumulator, batch: PyTree) -> tuple[GradAccumulator, Any]:
@@ -349,5 +386,41 @@ def grad_accumulate_microbatches(
         return _add(state, grad), aux
 
     state, aux = jax.lax.scan(body, init, batches)
+    mean = grad_accumulator_mean(state)
+    return (mean, aux) if has_aux else mean
+
+
+def _module_microbatches(
+    grad_fn: Callable[[Any, PyTree], Any],
+    module: Any,
+    batches: PyTree,
+    has_aux: bool,
+    dtype: DTypeLike,
+) -> Any:
+    """`grad_accumulate_microbatches` for an `nnx.Module`: its other state in the carry."""
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    init = _new("params", params, dtype)
+
+    def body(carry: tuple[GradAccumulator, Any], batch: PyTree) -> tuple[Any, Any]:
+        state, rest = carry
+        # A module of variables made in this trace, which grad_fn may use and mutate (nnx
+        # refuses variables made outside a scan body inside it); `rest` is new already.
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: x, params), rest)
+        grad, aux = _gradient_of(grad_fn(model, batch), has_aux, params)
+        after = nnx.split(model, nnx.Param, ...)[2]
+        diff = first_difference(rest, after)
+        if diff is not None:
+            path, before_has, after_has = diff
+            raise ValueError(
+                "`grad_fn` must not add or remove variables of the module: its "
+                "non-`Param` state is carried from one micro-batch to the next. At "
+                f"{path} the state had {before_has} and has {after_has} after `grad_fn`."
+            )
+        return (_add(state, grad), after), aux
+
+    (state, rest), aux = jax.lax.scan(body, (init, rest), batches)
+    nnx.update(module, rest)
     mean = grad_accumulator_mean(state)
     return (mean, aux) if has_aux else mean

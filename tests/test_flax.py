@@ -218,6 +218,146 @@ def test_nnx_microbatch_accumulation_equals_full_batch(accumulate):
     assert float(jg.grad_norm(full)) > 0.1
 
 
+def split_batches(batch: tuple[jax.Array, ...], micro: int) -> tuple[jax.Array, ...]:
+    """(images, tokens, labels) with a leading micro-batch axis of length `micro`."""
+    return jax.tree.map(lambda x: x.reshape(micro, -1, *x.shape[1:]), batch)
+
+
+def plain(tree: Any) -> list[tuple[str, np.ndarray]]:
+    """The leaves of a model state as numpy arrays (PRNG keys as their key data), by path."""
+
+    def value(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(x)
+
+    return [(path, value(x)) for path, x in leaves_with_paths(tree)]
+
+
+def assert_bit_identical(got: Any, want: Any) -> None:
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, a), (_, b) in zip(plain(got), plain(want), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert a.tobytes() == b.tobytes(), path  # NaN-safe and bit for bit
+
+
+def nnx_grad_of(model: Net, batch: tuple[jax.Array, ...]) -> Any:
+    return nnx.grad(nnx_loss)(model, *batch)
+
+
+@nnx.jit
+def nnx_unrolled(model: Net, batches: tuple[jax.Array, ...]) -> Any:
+    """The reference: one `nnx.grad` per micro-batch on the module, summed by the accumulator."""
+    state = jg.grad_accumulator(model)
+    for i in range(batches[0].shape[0]):
+        state = jg.grad_accumulator_add(state, nnx_grad_of(model, [x[i] for x in batches]))
+    return jg.grad_accumulator_mean(state)
+
+
+def nnx_scanned(model: Net, batches: tuple[jax.Array, ...]) -> Any:
+    return jg.grad_accumulate_microbatches(nnx_grad_of, model, batches)
+
+
+@pytest.mark.parametrize(
+    "param_dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=["f32", "bf16", "f16"]
+)
+@pytest.mark.parametrize("mode", ["eager", "nnx.jit"])
+def test_nnx_microbatches_in_train_mode_equal_the_unrolled_loop(mode, param_dtype):
+    model = make_net(param_dtype)  # train mode: BatchNorm statistics move, Dropout draws
+    reference = nnx.clone(model)
+    params = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+    start = nnx.clone(nnx.state(model, nnx.Not(nnx.Param)))
+    batches = split_batches(make_batch(4, n=32), 4)
+    accumulate = nnx.jit(nnx_scanned) if mode == "nnx.jit" else nnx_scanned
+    got = accumulate(model, batches)
+    want = nnx_unrolled(reference, batches)
+    assert type(got) is type(want)
+    assert_same_layout(got, want)
+    assert_same_layout(got, params)  # the parameter dtypes
+    rtol, atol = (1e-5, 1e-6) if param_dtype == jnp.float32 else (1e-2, 1e-2)
+    assert_trees_close(got, want, rtol, atol)
+    assert float(jg.grad_norm(got)) > 0.1
+    # The module's other state moved as in the loop: batch statistics, RNG counts and keys.
+    after = nnx.state(model, nnx.Not(nnx.Param))
+    assert jax.tree.structure(after) == jax.tree.structure(start)
+    assert_trees_close(
+        nnx.state(model, nnx.BatchStat), nnx.state(reference, nnx.BatchStat), rtol, atol
+    )
+    assert_bit_identical(nnx.state(model, nnx.RngState), nnx.state(reference, nnx.RngState))
+    assert not np.allclose(
+        np.asarray(model.norm.mean[...], np.float32),
+        np.asarray(start["norm"]["mean"][...], np.float32),
+    )
+    assert int(model.drop.rngs.count[...]) == int(start["drop"]["rngs"]["count"][...]) + 4
+    assert_bit_identical(nnx.state(model, nnx.Param), params)  # parameters untouched
+
+
+def test_nnx_microbatches_with_aux_return_what_the_unrolled_loop_sees():
+    model = make_net()
+    reference = nnx.clone(model)
+    batches = split_batches(make_batch(5, n=16), 2)
+
+    def grad_fn(model, batch):
+        return nnx.grad(lambda m: (nnx_loss(m, *batch),) * 2, has_aux=True)(model)
+
+    step = nnx.jit(lambda m, b: jg.grad_accumulate_microbatches(grad_fn, m, b, has_aux=True))
+    got, losses = step(model, batches)
+    assert losses.shape == (2,) and losses.dtype == jnp.float32
+    want = nnx_unrolled(nnx.clone(reference), batches)
+    assert_trees_close(got, want)
+    # the losses of the loop, each micro-batch with its own dropout mask and statistics
+    loss = nnx.jit(nnx_loss)
+    expected = [loss(reference, *[x[i] for x in batches]) for i in range(2)]
+    np.testing.assert_allclose(np.asarray(losses), np.asarray(expected), rtol=1e-6)
+    assert_bit_identical(nnx.state(model, nnx.RngState), nnx.state(reference, nnx.RngState))
+
+
+class Counting(nnx.Module):
+    """Adds a variable on its first call (as `sow` adds intermediates)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(2, 2, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if not hasattr(self, "calls"):
+            self.calls = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        self.calls[...] += 1
+        return self.linear(x)
+
+
+def test_nnx_microbatches_refuse_a_grad_fn_that_adds_variables():
+    model = Counting(nnx.Rngs(0))
+    grad_fn = nnx.grad(lambda m, x: jnp.sum(m(x)))
+    with pytest.raises(
+        ValueError,
+        match=r"`grad_fn` must not add or remove variables of the module: its non-`Param` state "
+        r"is carried from one micro-batch to the next\. At the root the state had a State with "
+        r"keys \[\] and has a State with keys \['calls'\] after `grad_fn`\.",
+    ):
+        jg.grad_accumulate_microbatches(grad_fn, model, jnp.ones((2, 3, 2)))
+    model(jnp.ones((3, 2)))  # with the variable in place from the start, it is carried
+    jg.grad_accumulate_microbatches(grad_fn, model, jnp.ones((2, 3, 2)))
+    assert int(model.calls[...]) == 3
+
+
+def test_nnx_microbatches_name_the_key_path_of_a_wrong_gradient():
+    model = make_net()
+    batches = split_batches(make_batch(0), 2)
+
+    def wrong(model, batch):  # the gradient w.r.t. the batch statistics too
+        return nnx.grad(nnx_loss, argnums=nnx.DiffState(0, nnx.Any(nnx.Param, nnx.BatchStat)))(
+            model, *batch
+        )
+
+    with pytest.raises(
+        ValueError,
+        match=r"`params` and `grad_fn\(params, batch\)` must have the same structure; they first "
+        r"differ at \['norm'\]: `params` has a dict with keys \['bias', 'scale'\], "
+        r"`grad_fn\(params, batch\)` has a dict with keys \['bias', 'mean', 'scale', 'var'\]\.",
+    ):
+        jg.grad_accumulate_microbatches(wrong, model, batches)
+
+
 # linen -----------------------------------------------------------------------------------
 
 
