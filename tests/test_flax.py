@@ -1,7 +1,9 @@
 """jaxgrad inside real Flax training code: nnx modules and optimizers, linen params and TrainState."""
 
 import functools
+import importlib.util
 import math
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -16,6 +18,7 @@ from flax.training import train_state
 import jaxgrad as jg
 
 BATCH, SIDE, TOKENS, VOCAB, CLASSES = 8, 6, 3, 10, 3
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture(autouse=True)
@@ -358,6 +361,82 @@ def test_nnx_microbatches_name_the_key_path_of_a_wrong_gradient():
         jg.grad_accumulate_microbatches(wrong, model, batches)
 
 
+# Skipping a bad step: keep the whole model state, not only the parameters ----------------
+
+
+@nnx.jit
+def nnx_skip_step(model: Net, optimizer: nnx.Optimizer, images, tokens, labels):
+    """The recipe: a non-finite gradient leaves params, batch stats, RNG and optimizer as they were."""
+    # nnx.state is live (it holds the module's variables): clone it to keep today's values.
+    model_before, optimizer_before = nnx.clone(nnx.state(model)), nnx.clone(nnx.state(optimizer))
+    loss, grads = nnx.value_and_grad(nnx_loss)(model, images, tokens, labels)  # BatchNorm moves
+    grads, stats = jg.grad_clip(grads, 1.0, by="leaf")  # NaN/inf passed on, stats.finite False
+
+    optimizer.update(model, grads)
+
+    def keep_if_finite(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(stats.finite, n, o), new, old)
+
+    nnx.update(model, keep_if_finite(nnx.state(model), model_before))
+    nnx.update(optimizer, keep_if_finite(nnx.state(optimizer), optimizer_before))
+    return loss, stats
+
+
+def with_nan(batch: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    images, tokens, labels = batch
+    return images.at[0, 2, 3, 0].set(jnp.nan), tokens, labels
+
+
+def test_nnx_skip_step_keeps_everything_bit_identical_after_a_nan_batch():
+    model = make_net()  # train mode: BatchNorm and Dropout
+    optimizer = nnx.Optimizer(model, optax.adam(0.01), wrt=nnx.Param)
+    reference = nnx.clone(model)  # trained on the same batches without the bad one
+    ref_optimizer = nnx.Optimizer(reference, optax.adam(0.01), wrt=nnx.Param)
+    batches = [make_batch(i) for i in range(4)]
+    for i, batch in enumerate(batches):
+        if i == 2:
+            before = nnx.clone((nnx.state(model), nnx.state(optimizer)))
+            loss, stats = nnx_skip_step(model, optimizer, *with_nan(batch))
+            assert np.isnan(float(loss)) and not bool(stats.finite)
+            assert stats.groups.as_dict()["nonfinite/conv/kernel"] > 0  # where it came from
+            assert_bit_identical((nnx.state(model), nnx.state(optimizer)), before)
+        loss, stats = nnx_skip_step(model, optimizer, *batch)
+        ref_loss, _ = nnx_skip_step(reference, ref_optimizer, *batch)
+        assert bool(stats.finite)
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    # The bad step left no trace: parameters, batch statistics, dropout RNG, adam state.
+    # (Close rather than bit for bit: a GPU may sum the embedding gradient in any order.)
+    numbers = nnx.Any(nnx.Param, nnx.BatchStat)
+    assert_trees_close(nnx.state(model, numbers), nnx.state(reference, numbers), 1e-6, 1e-7)
+    assert_bit_identical(nnx.state(model, nnx.RngState), nnx.state(reference, nnx.RngState))
+    assert_trees_close(nnx.state(optimizer), nnx.state(ref_optimizer), 1e-6, 1e-7)
+    assert int(optimizer.step[...]) == 4
+
+
+def test_nnx_apply_if_finite_alone_keeps_the_parameters_but_not_the_batch_statistics():
+    """Why the recipe keeps the whole state: BatchNorm updates during the forward pass."""
+    model = make_net()
+    optimizer = nnx.Optimizer(model, optax.apply_if_finite(optax.adam(0.01), 3), wrt=nnx.Param)
+    params = nnx.clone(nnx.state(model, nnx.Param))
+
+    @nnx.jit
+    def step(model, optimizer, *batch):
+        grads, _ = jg.grad_clip(nnx.grad(nnx_loss)(model, *batch), 1.0)
+        optimizer.update(model, grads)
+
+    step(model, optimizer, *with_nan(make_batch(0)))
+    assert_bit_identical(nnx.state(model, nnx.Param), params)  # the update was skipped
+    assert np.isnan(np.asarray(model.norm.mean[...])).any()  # the statistics were not
+
+
+def test_example_flax_skip_step_runs():
+    spec = importlib.util.spec_from_file_location("flax_skip_step", EXAMPLES / "flax_skip_step.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(steps=4, bad_step=1)
+
+
 # linen -----------------------------------------------------------------------------------
 
 
@@ -454,6 +533,44 @@ def test_linen_train_state_step_matches_optax_clipping():
     assert_trees_close(ours.params, theirs.params, rtol=1e-4, atol=1e-6)
     assert_trees_close(ours.batch_stats, theirs.batch_stats)
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def linen_skip_step(model, state: StateWithStats, batch, key):
+    """The recipe for linen: the whole `TrainState` (step, params, opt_state, batch_stats)."""
+    (loss, batch_stats), grads = jax.value_and_grad(linen_loss, argnums=1, has_aux=True)(
+        model, state.params, state.batch_stats, *batch, key
+    )
+    grads, stats = jg.grad_clip(grads, 1.0, by="leaf")
+    new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    new = jax.tree.map(lambda n, o: jnp.where(stats.finite, n, o), new, state)
+    return new, loss, stats
+
+
+def test_linen_skip_step_keeps_the_train_state_bit_identical_after_a_nan_batch():
+    model, params, batch_stats = linen_init()
+    step = jax.jit(linen_skip_step, static_argnums=0)
+    tx = optax.adam(0.01)
+    ours = theirs = StateWithStats.create(
+        apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats
+    )
+    for i in range(4):
+        batch, key = make_batch(i), jax.random.key(100 + i)
+        if i == 2:
+            before = ours
+            ours, loss, stats = step(model, ours, with_nan(batch), key)
+            assert np.isnan(float(loss)) and not bool(stats.finite)
+            assert_bit_identical(ours, before)
+            # without the recipe the batch statistics would be NaN
+            _, stats_of_bad_step = jax.jit(linen_loss, static_argnums=0)(
+                model, params, batch_stats, *with_nan(batch), key
+            )
+            assert any(np.isnan(np.asarray(x)).any() for x in jax.tree.leaves(stats_of_bad_step))
+        ours, loss, stats = step(model, ours, batch, key)
+        theirs, their_loss, _ = step(model, theirs, batch, key)
+        assert bool(stats.finite)
+        np.testing.assert_allclose(float(loss), float(their_loss), rtol=1e-6)
+    assert int(ours.step) == int(theirs.step) == 4
+    assert_trees_close(ours, theirs, 1e-6, 1e-7)
 
 
 def test_linen_microbatch_accumulation_equals_full_batch():
