@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._dispatch import compiled, has_tracer
-from ._donate import check_donatable
+from ._donate import check_donatable, moved_to, per_device, placed, replicated, sharding_of
 from ._structure import (
     check_array_leaves,
     check_callable,
@@ -86,8 +86,21 @@ def _new(name: str, like: PyTree, dtype: DTypeLike) -> GradAccumulator:
         sums = tuple(np.dtype(jnp.promote_types(d, dtype)) for d in dtypes)
     specs = tuple((tuple(np.shape(x)), s) for x, s in zip(leaves, sums, strict=True))
     if has_tracer(like):
-        zeros = [jnp.zeros(shape, d) for shape, d in specs]
+        # zeros_like keeps a traced leaf's sharding (explicit mesh axes) in the carry
+        zeros = [
+            jnp.zeros_like(x, d) if isinstance(x, jax.Array) else jnp.zeros(shape, d)
+            for x, (shape, d) in zip(leaves, specs, strict=True)
+        ]
         count = jnp.zeros((), jnp.int32)
+    elif placed(leaves):
+        # Op by op, each sum where its leaf is; one compiled call would put every sum on
+        # the default device. The count goes with the first placed leaf, whole.
+        zeros = [
+            jnp.zeros(shape, d, device=sharding_of(x))
+            for x, (shape, d) in zip(leaves, specs, strict=True)
+        ]
+        first = next(s for s in map(sharding_of, leaves) if s is not None)
+        count = jnp.zeros((), jnp.int32, device=replicated(first))
     else:
         zeros, count = _zeros(specs)
     return GradAccumulator(total=jax.tree.unflatten(treedef, zeros), count=count, dtypes=dtypes)
@@ -100,7 +113,9 @@ def grad_accumulator(like: PyTree, *, dtype: DTypeLike = jnp.float32) -> GradAcc
     `grad_accumulator_mean`. Sums are kept in `dtype` (float32 by default) or the leaf's
     own dtype if wider, so bfloat16 and float16 gradients are summed without losing
     their small contributions, while the mean comes back in the dtype of each leaf of
-    `like`. The accumulator costs one `dtype` copy of the gradient.
+    `like`. The accumulator costs one `dtype` copy of the gradient. Each sum lives where
+    its leaf of `like` lives (with its sharding, on a mesh or on one device), so adding
+    and averaging never move data between devices.
 
     Args:
         like: a `Gradient`, any pytree of floating-point arrays, or of
@@ -128,13 +143,51 @@ def grad_accumulator(like: PyTree, *, dtype: DTypeLike = jnp.float32) -> GradAcc
     return _new("like", nnx_params(like), dtype)
 
 
-def _add(state: GradAccumulator, grad: PyTree) -> GradAccumulator:
-    total = jax.tree.map(lambda s, g: s + jnp.asarray(g).astype(s.dtype), state.total, grad)
-    return GradAccumulator(total=total, count=state.count + 1, dtypes=state.dtypes)
+def _sum(total: PyTree, grad: PyTree) -> PyTree:
+    return jax.tree.map(lambda s, g: s + jnp.asarray(g).astype(s.dtype), total, grad)
+
+
+def _added(state: GradAccumulator, grad: PyTree) -> GradAccumulator:
+    return GradAccumulator(
+        total=_sum(state.total, grad), count=state.count + 1, dtypes=state.dtypes
+    )
+
+
+def _add(total: PyTree, count: Array | None, grad: PyTree) -> tuple[PyTree, Array | None]:
+    """The compiled kernel: the sums of one set of devices, and the count if it is given."""
+    return _sum(total, grad), None if count is None else count + 1
 
 
 _add_compiled = compiled()(_add)
-_add_donated = jax.jit(_add, donate_argnames=("state",))
+_add_donated = jax.jit(_add, donate_argnames=("total", "count"))
+
+
+def _count_next_to(count: Array, total: PyTree) -> Array:
+    """The count on the devices of the first sum of `total` (where it is already, usually)."""
+    if jax.device_count() == 1:
+        return count
+    first = jax.tree.leaves(total)[:1]
+    return moved_to(count, first[0]) if first else count
+
+
+def _add_in_place(
+    kernel: Callable[..., Any], state: GradAccumulator, grad: PyTree
+) -> GradAccumulator:
+    """`kernel(state.total, state.count, grad)`, once per set of devices the sums live on.
+
+    The count goes with the first call (moved next to the first sum if it lives
+    elsewhere); the other calls get `None` for it.
+    """
+    counts: list[Any] = []
+
+    def add(total: PyTree, grad: PyTree) -> PyTree:
+        count = None if counts else _count_next_to(state.count, total)
+        total, new = kernel(total, count, grad)
+        counts.append(new)
+        return total
+
+    total = per_device(add, state.total, grad)
+    return GradAccumulator(total=total, count=counts[0], dtypes=state.dtypes)
 
 
 def _check_state(state: Any) -> None:
@@ -155,7 +208,9 @@ def grad_accumulator_add(
     `donate=True` an eager call reuses the buffers of `state` for the new sum (JAX
     buffer donation), so no second copy of the sum is made; `state` is consumed (its
     arrays are deleted). Inside `jax.jit` donation is the outer function's business
-    (`donate_argnums`), so there `donate` changes nothing.
+    (`donate_argnums`), so there `donate` changes nothing. Each sum stays where it
+    lives: sums on different devices are added by one compiled call per device (a
+    leaf of `grad` on another device than its sum is moved to it).
 
     Args:
         state: a `GradAccumulator`.
@@ -186,19 +241,18 @@ def grad_accumulator_add(
     check_array_leaves("grad", grad, inexact=True)
     check_same_shapes("state.total", state.total, "grad", grad)
     if has_tracer((state, grad)):
-        return _add(state, grad)
+        return _added(state, grad)
     if donate:
         check_donatable("state", state, grad=grad)
-        return _add_donated(state, grad)
-    return _add_compiled(state, grad)
+    return _add_in_place(_add_donated if donate else _add_compiled, state, grad)
 
 
-@compiled()
-def _mean(state: GradAccumulator) -> PyTree:
-    leaves, treedef = jax.tree.flatten(state.total)
+@compiled(static_argnames=("dtypes",))
+def _mean(total: PyTree, count: Array, dtypes: tuple[Any, ...]) -> PyTree:
+    leaves, treedef = jax.tree.flatten(total)
     out = []
-    for s, dtype in zip(leaves, state.dtypes, strict=True):
-        n = jnp.maximum(state.count, 1).astype(s.dtype)
+    for s, dtype in zip(leaves, dtypes, strict=True):
+        n = jnp.maximum(count, 1).astype(s.dtype)
         out.append((s / n).astype(dtype))
     return jax.tree.unflatten(treedef, out)
 
@@ -209,7 +263,7 @@ def grad_accumulator_mean(state: GradAccumulator) -> PyTree:
     The division is done in the sum dtype (float32 or wider) and the result cast back
     to each leaf's dtype, so a bfloat16 model gets a bfloat16 gradient. An accumulator
     with nothing added gives zeros (not NaN). Works eagerly (one compiled dispatch) and
-    under `jax.jit`.
+    under `jax.jit`; each mean lives where its sum does.
 
     Args:
         state: a `GradAccumulator`.
@@ -229,7 +283,13 @@ def grad_accumulator_mean(state: GradAccumulator) -> PyTree:
         {'w': Array([3.5], dtype=float32)}
     """  # noqa: E501
     _check_state(state)
-    return _mean(state)
+    dtypes = jax.tree.unflatten(jax.tree.structure(state.total), list(state.dtypes))
+
+    def mean(total: PyTree, dtypes: PyTree) -> PyTree:
+        count = _count_next_to(state.count, total)
+        return _mean(total, count, dtypes=tuple(jax.tree.leaves(dtypes)))
+
+    return per_device(mean, state.total, dtypes)
 
 
 def _micro_batch_count(batches: PyTree) -> int:
@@ -383,7 +443,7 @@ def grad_accumulate_microbatches(
 
     def body(state: GradAccumulator, batch: PyTree) -> tuple[GradAccumulator, Any]:
         grad, aux = _gradient_of(grad_fn(params, batch), has_aux, params)
-        return _add(state, grad), aux
+        return _added(state, grad), aux
 
     state, aux = jax.lax.scan(body, init, batches)
     mean = grad_accumulator_mean(state)
@@ -418,7 +478,7 @@ def _module_microbatches(
                 "non-`Param` state is carried from one micro-batch to the next. At "
                 f"{path} the state had {before_has} and has {after_has} after `grad_fn`."
             )
-        return (_add(state, grad), after), aux
+        return (_added(state, grad), after), aux
 
     (state, rest), aux = jax.lax.scan(body, (init, rest), batches)
     nnx.update(module, rest)
