@@ -12,12 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._dispatch import compiled, has_tracer
-from ._donate import check_donatable
+from ._donate import check_donatable, moved_to, per_device, placed, replicated, sharding_of
 from ._structure import (
     check_array_leaves,
     check_callable,
     check_same_shapes,
     check_same_structure,
+    describe_node,
+    first_difference,
+    nnx_params,
     where,
 )
 from ._typing import Array, DTypeLike, PyTree
@@ -55,21 +58,52 @@ jax.tree_util.register_dataclass(
 )
 
 
-def _check_like(like: PyTree) -> None:
-    for path, leaf in jax.tree_util.tree_flatten_with_path(like)[0]:
-        dtype = getattr(leaf, "dtype", None)
-        if dtype is None:
-            dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            raise TypeError(
-                f"`like` must have floating-point or complex leaves; at {where(path)} it has "
-                f"dtype {np.dtype(dtype).name}."
-            )
+def _check_like(name: str, like: PyTree) -> None:
+    """The house error for a template leaf that is not floating-point (shape-only leaves pass)."""
+
+    def arrays(x: Any) -> Any:
+        inexact = isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.inexact)
+        return None if inexact else x
+
+    check_array_leaves(name, jax.tree.map(arrays, like), inexact=True)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _zeros(specs: tuple[tuple[tuple[int, ...], Any], ...]) -> tuple[list[Array], Array]:
     return [jnp.zeros(shape, dtype) for shape, dtype in specs], jnp.zeros((), jnp.int32)
+
+
+def _new(name: str, like: PyTree, dtype: DTypeLike) -> GradAccumulator:
+    """`grad_accumulator(like, dtype=dtype)`, its errors naming the argument `name`."""
+    if not jnp.issubdtype(np.dtype(dtype), jnp.floating):
+        raise ValueError(
+            f"`dtype` must be a floating-point dtype to accumulate in; got {np.dtype(dtype).name}."
+        )
+    _check_like(name, like)
+    leaves, treedef = jax.tree.flatten(like)
+    dtypes = tuple(np.dtype(x.dtype if hasattr(x, "dtype") else jnp.result_type(x)) for x in leaves)
+    with jax.numpy_dtype_promotion("standard"):
+        sums = tuple(np.dtype(jnp.promote_types(d, dtype)) for d in dtypes)
+    specs = tuple((tuple(np.shape(x)), s) for x, s in zip(leaves, sums, strict=True))
+    if has_tracer(like):
+        # zeros_like keeps a traced leaf's sharding (explicit mesh axes) in the carry
+        zeros = [
+            jnp.zeros_like(x, d) if isinstance(x, jax.Array) else jnp.zeros(shape, d)
+            for x, (shape, d) in zip(leaves, specs, strict=True)
+        ]
+        count = jnp.zeros((), jnp.int32)
+    elif placed(leaves):
+        # Op by op, each sum where its leaf is; one compiled call would put every sum on
+        # the default device. The count goes with the first placed leaf, whole.
+        zeros = [
+            jnp.zeros(shape, d, device=sharding_of(x))
+            for x, (shape, d) in zip(leaves, specs, strict=True)
+        ]
+        first = next(s for s in map(sharding_of, leaves) if s is not None)
+        count = jnp.zeros((), jnp.int32, device=replicated(first))
+    else:
+        zeros, count = _zeros(specs)
+    return GradAccumulator(total=jax.tree.unflatten(treedef, zeros), count=count, dtypes=dtypes)
 
 
 def grad_accumulator(like: PyTree, *, dtype: DTypeLike = jnp.float32) -> GradAccumulator:
@@ -79,11 +113,14 @@ def grad_accumulator(like: PyTree, *, dtype: DTypeLike = jnp.float32) -> GradAcc
     `grad_accumulator_mean`. Sums are kept in `dtype` (float32 by default) or the leaf's
     own dtype if wider, so bfloat16 and float16 gradients are summed without losing
     their small contributions, while the mean comes back in the dtype of each leaf of
-    `like`. The accumulator costs one `dtype` copy of the gradient.
+    `like`. The accumulator costs one `dtype` copy of the gradient. Each sum lives where
+    its leaf of `like` lives (with its sharding, on a mesh or on one device), so adding
+    and averaging never move data between devices.
 
     Args:
         like: a `Gradient`, any pytree of floating-point arrays, or of
             `jax.ShapeDtypeStruct` (`jax.eval_shape` output): usually the parameters.
+            An `nnx.Module` stands for its `nnx.Param` state (what `nnx.grad` returns).
         dtype: the least precision to accumulate in; a floating-point dtype.
 
     Returns:
@@ -91,7 +128,9 @@ def grad_accumulator(like: PyTree, *, dtype: DTypeLike = jnp.float32) -> GradAcc
 
     Raises:
         ValueError: if `dtype` is not a floating-point dtype.
-        TypeError: if a leaf of `like` is not floating-point or complex.
+        TypeError: if a leaf of `like` is not a floating-point or complex array (an
+            integer counter, a PRNG key, a string, an object array...); the message
+            names its key path.
 
     Example:
         >>> params = {"w": jnp.ones(2, jnp.bfloat16)}
@@ -101,31 +140,54 @@ def grad_accumulator(like: PyTree, *, dtype: DTypeLike = jnp.float32) -> GradAcc
         >>> jaxgrad.grad_accumulator_mean(state)
         {'w': Array([1.5, 2.5], dtype=bfloat16)}
     """
-    if not jnp.issubdtype(np.dtype(dtype), jnp.floating):
-        raise ValueError(
-            f"`dtype` must be a floating-point dtype to accumulate in; got {np.dtype(dtype).name}."
-        )
-    _check_like(like)
-    leaves, treedef = jax.tree.flatten(like)
-    dtypes = tuple(np.dtype(getattr(x, "dtype", None) or jnp.result_type(x)) for x in leaves)
-    with jax.numpy_dtype_promotion("standard"):
-        sums = tuple(np.dtype(jnp.promote_types(d, dtype)) for d in dtypes)
-    specs = tuple((tuple(np.shape(x)), s) for x, s in zip(leaves, sums, strict=True))
-    if has_tracer(like):
-        zeros = [jnp.zeros(shape, d) for shape, d in specs]
-        count = jnp.zeros((), jnp.int32)
-    else:
-        zeros, count = _zeros(specs)
-    return GradAccumulator(total=jax.tree.unflatten(treedef, zeros), count=count, dtypes=dtypes)
+    return _new("like", nnx_params(like), dtype)
 
 
-def _add(state: GradAccumulator, grad: PyTree) -> GradAccumulator:
-    total = jax.tree.map(lambda s, g: s + jnp.asarray(g).astype(s.dtype), state.total, grad)
-    return GradAccumulator(total=total, count=state.count + 1, dtypes=state.dtypes)
+def _sum(total: PyTree, grad: PyTree) -> PyTree:
+    return jax.tree.map(lambda s, g: s + jnp.asarray(g).astype(s.dtype), total, grad)
+
+
+def _added(state: GradAccumulator, grad: PyTree) -> GradAccumulator:
+    return GradAccumulator(
+        total=_sum(state.total, grad), count=state.count + 1, dtypes=state.dtypes
+    )
+
+
+def _add(total: PyTree, count: Array | None, grad: PyTree) -> tuple[PyTree, Array | None]:
+    """The compiled kernel: the sums of one set of devices, and the count if it is given."""
+    return _sum(total, grad), None if count is None else count + 1
 
 
 _add_compiled = compiled()(_add)
-_add_donated = jax.jit(_add, donate_argnames=("state",))
+_add_donated = jax.jit(_add, donate_argnames=("total", "count"))
+
+
+def _count_next_to(count: Array, total: PyTree) -> Array:
+    """The count on the devices of the first sum of `total` (where it is already, usually)."""
+    if jax.device_count() == 1:
+        return count
+    first = jax.tree.leaves(total)[:1]
+    return moved_to(count, first[0]) if first else count
+
+
+def _add_in_place(
+    kernel: Callable[..., Any], state: GradAccumulator, grad: PyTree
+) -> GradAccumulator:
+    """`kernel(state.total, state.count, grad)`, once per set of devices the sums live on.
+
+    The count goes with the first call (moved next to the first sum if it lives
+    elsewhere); the other calls get `None` for it.
+    """
+    counts: list[Any] = []
+
+    def add(total: PyTree, grad: PyTree) -> PyTree:
+        count = None if counts else _count_next_to(state.count, total)
+        total, new = kernel(total, count, grad)
+        counts.append(new)
+        return total
+
+    total = per_device(add, state.total, grad)
+    return GradAccumulator(total=total, count=counts[0], dtypes=state.dtypes)
 
 
 def _check_state(state: Any) -> None:
@@ -146,20 +208,23 @@ def grad_accumulator_add(
     `donate=True` an eager call reuses the buffers of `state` for the new sum (JAX
     buffer donation), so no second copy of the sum is made; `state` is consumed (its
     arrays are deleted). Inside `jax.jit` donation is the outer function's business
-    (`donate_argnums`), so there `donate` changes nothing.
+    (`donate_argnums`), so there `donate` changes nothing. Each sum stays where it
+    lives: sums on different devices are added by one compiled call per device (a
+    leaf of `grad` on another device than its sum is moved to it).
 
     Args:
         state: a `GradAccumulator`.
         grad: a gradient with the structure and leaf shapes of the accumulator's `like`;
-            any floating-point dtypes (cast to the sum dtype).
+            any floating-point dtypes (cast to the sum dtype). An `nnx.Module` stands
+            for its `nnx.Param` state.
         donate: reuse (and delete) the buffers of `state`.
 
     Returns:
         The updated `GradAccumulator`.
 
     Raises:
-        TypeError: if `state` is not a `GradAccumulator`, or a leaf of `grad` is not
-            floating-point or complex.
+        TypeError: if `state` is not a `GradAccumulator`, or a leaf of `grad` is not a
+            floating-point or complex array (the message names its key path).
         ValueError: if the structure or a leaf shape of `grad` differs from the
             accumulator's (the message names the first differing key path), or, with
             `donate=True`, if an array of `state` also appears in `grad`.
@@ -171,23 +236,23 @@ def grad_accumulator_add(
         ([Array([1., 2.], dtype=float32)], Array(1, dtype=int32))
     """
     _check_state(state)
+    grad = nnx_params(grad)
     check_same_structure("state.total", state.total, "grad", grad)
-    check_same_shapes("state.total", state.total, "grad", grad)
     check_array_leaves("grad", grad, inexact=True)
+    check_same_shapes("state.total", state.total, "grad", grad)
     if has_tracer((state, grad)):
-        return _add(state, grad)
+        return _added(state, grad)
     if donate:
         check_donatable("state", state, grad=grad)
-        return _add_donated(state, grad)
-    return _add_compiled(state, grad)
+    return _add_in_place(_add_donated if donate else _add_compiled, state, grad)
 
 
-@compiled()
-def _mean(state: GradAccumulator) -> PyTree:
-    leaves, treedef = jax.tree.flatten(state.total)
+@compiled(static_argnames=("dtypes",))
+def _mean(total: PyTree, count: Array, dtypes: tuple[Any, ...]) -> PyTree:
+    leaves, treedef = jax.tree.flatten(total)
     out = []
-    for s, dtype in zip(leaves, state.dtypes, strict=True):
-        n = jnp.maximum(state.count, 1).astype(s.dtype)
+    for s, dtype in zip(leaves, dtypes, strict=True):
+        n = jnp.maximum(count, 1).astype(s.dtype)
         out.append((s / n).astype(dtype))
     return jax.tree.unflatten(treedef, out)
 
@@ -198,7 +263,7 @@ def grad_accumulator_mean(state: GradAccumulator) -> PyTree:
     The division is done in the sum dtype (float32 or wider) and the result cast back
     to each leaf's dtype, so a bfloat16 model gets a bfloat16 gradient. An accumulator
     with nothing added gives zeros (not NaN). Works eagerly (one compiled dispatch) and
-    under `jax.jit`.
+    under `jax.jit`; each mean lives where its sum does.
 
     Args:
         state: a `GradAccumulator`.
@@ -218,7 +283,13 @@ def grad_accumulator_mean(state: GradAccumulator) -> PyTree:
         {'w': Array([3.5], dtype=float32)}
     """  # noqa: E501
     _check_state(state)
-    return _mean(state)
+    dtypes = jax.tree.unflatten(jax.tree.structure(state.total), list(state.dtypes))
+
+    def mean(total: PyTree, dtypes: PyTree) -> PyTree:
+        count = _count_next_to(state.count, total)
+        return _mean(total, count, dtypes=tuple(jax.tree.leaves(dtypes)))
+
+    return per_device(mean, state.total, dtypes)
 
 
 def _micro_batch_count(batches: PyTree) -> int:
@@ -244,9 +315,37 @@ def _micro_batch_count(batches: PyTree) -> int:
     return n
 
 
+def _gradient_of(out: Any, has_aux: bool, like: PyTree) -> tuple[PyTree, Any]:
+    """`(grad, aux)` from what `grad_fn` returned, checked against the parameters `like`."""
+    if has_aux:
+        if type(out) not in (tuple, list) or len(out) != 2:
+            raise TypeError(
+                "`grad_fn` must return a pair `(grad, aux)` when `has_aux=True`, as "
+                f"`jax.grad(loss, has_aux=True)` does; it returned {describe_node(out)}."
+            )
+        (grad, aux), name = out, "grad_fn(params, batch)[0]"
+    else:
+        grad, aux, name = out, None, "grad_fn(params, batch)"
+    if grad is None:
+        raise TypeError(
+            f"`grad_fn` must return the gradient, with the structure of `params`; `{name}` is None."
+        )
+    if first_difference(like, grad) is not None:
+        pair = not has_aux and type(out) is tuple and len(out) == 2
+        if pair and first_difference(like, out[0]) is None:
+            raise ValueError(
+                "`grad_fn` returned a pair whose first entry has the structure of `params`; "
+                "if it is `(grad, aux)`, pass `has_aux=True`."
+            )
+        check_same_structure("params", like, name, grad)
+    check_array_leaves(name, grad, inexact=True)
+    check_same_shapes("params", like, name, grad)
+    return grad, aux
+
+
 def grad_accumulate_microbatches(
-    grad_fn: Callable[[PyTree, PyTree], Any],
-    params: PyTree,
+    grad_fn: Callable[[Any, PyTree], Any],
+    params: Any,
     batches: PyTree,
     *,
     has_aux: bool = False,
@@ -264,27 +363,45 @@ def grad_accumulate_microbatches(
 
     `grad_fn` is traced once by `jax.lax.scan` (it must be a pure JAX function, as for
     any scan body); it is not otherwise compiled or cached by jaxgrad. Eagerly, the scan
-    is traced and compiled at every call: put the whole step under `jax.jit`.
+    is traced and compiled at every call: put the whole step under `jax.jit` (`nnx.jit`
+    for a module).
+
+    A Flax `nnx.Module` as `params` gives what an unrolled loop of
+    `nnx.grad(loss)(model, batch)` calls gives: `grad_fn(model, batch)` gets a copy of the
+    module with the same parameters and with the current non-`Param` state (batch
+    statistics, RNG counts, ...), which the scan carries from one micro-batch to the
+    next, so BatchNorm statistics and dropout RNG streams advance once per micro-batch.
+    At the end that state is written back into `params` in place, as `nnx.jit` does;
+    the result is an `nnx.State` of `nnx.Param`s, as `nnx.grad` returns. `grad_fn` must
+    not add or remove variables (no `sow`); changes it makes to `nnx.Param` variables
+    are discarded. Call it eagerly or under `nnx.jit` (under `jax.jit` the write-back,
+    as any nnx update, stays inside the trace).
 
     Args:
-        grad_fn: `(params, batch) -> grad` with the structure of `params`, or with
-            `has_aux=True`, `(params, batch) -> (grad, aux)` as `jax.grad(loss,
-            has_aux=True)` returns.
-        params: the parameters, passed unchanged to every call.
+        grad_fn: `(params, batch) -> grad` with the structure of `params` (for a
+            module, `(model, batch) -> grad` for its `nnx.Param`s, e.g.
+            `nnx.grad(loss)`), or with `has_aux=True`, `(params, batch) -> (grad, aux)`
+            as `jax.grad(loss, has_aux=True)` returns.
+        params: the parameters, passed unchanged to every call; or an `nnx.Module`.
         batches: a pytree of arrays with a common leading micro-batch axis.
         has_aux: whether `grad_fn` returns `(grad, aux)`; the `aux` values are stacked
             along a new leading axis, one entry per micro-batch.
         dtype: the least precision to accumulate in (see `grad_accumulator`).
 
     Returns:
-        The mean gradient, with the structure, shapes and dtypes of `params`; with
-        `has_aux=True`, `(mean gradient, stacked aux)`.
+        The mean gradient, with the structure, shapes and dtypes of `params` (of its
+        `nnx.Param` state for a module); with `has_aux=True`, `(mean gradient,
+        stacked aux)`.
 
     Raises:
-        TypeError: if `grad_fn` is not callable.
+        TypeError: if `grad_fn` is not callable; if a leaf of `params` is not a
+            floating-point array (for a module, of its `nnx.Param` state); or if
+            `grad_fn` returns `None`, a gradient with a leaf that is not floating-point,
+            or, with `has_aux=True`, anything but a pair `(grad, aux)`.
         ValueError: if `batches` has no leaves, a scalar leaf, leaves whose leading axes
-            differ, or zero micro-batches; or if `grad_fn` returns a gradient whose
-            structure or shapes differ from those of `params`.
+            differ, or zero micro-batches; if `grad_fn` returns a gradient whose
+            structure or shapes differ from those of `params` (the message names the
+            first differing key path); or if it adds or removes module variables.
 
     Example:
         >>> loss = lambda w, batch: jnp.mean((batch["x"] * w - batch["y"]) ** 2)
@@ -295,16 +412,75 @@ def grad_accumulate_microbatches(
         Array(-70., dtype=float32)
         >>> float(jax.grad(loss)(w, {"x": x, "y": 3 * x}))  # the full-batch gradient
         -70.0
+
+        A Flax model in training mode, 4 micro-batches of 8 examples:
+
+        >>> from flax import nnx
+        >>> model = nnx.Sequential(
+        ...     nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+        ...     nnx.BatchNorm(4, rngs=nnx.Rngs(0)),
+        ...     nnx.Dropout(0.5, rngs=nnx.Rngs(1)),
+        ... )
+        >>> def loss(model, x):
+        ...     return jnp.mean(model(x) ** 2)
+        >>> @nnx.jit
+        ... def mean_grad(model, xs):
+        ...     return jaxgrad.grad_accumulate_microbatches(nnx.grad(loss), model, xs)
+        >>> grads = mean_grad(model, jax.random.normal(jax.random.key(2), (4, 8, 3)))
+        >>> type(grads).__name__, grads["layers"][0]["kernel"].shape
+        ('State', (3, 4))
+        >>> int(model.layers[2].rngs.count[...])  # one dropout draw per micro-batch
+        4
+        >>> bool(jnp.any(model.layers[1].mean[...] != 0))  # BatchNorm statistics moved
+        True
     """
     check_callable("grad_fn", grad_fn)
     _micro_batch_count(batches)
-    init = grad_accumulator(params, dtype=dtype)
+    like = nnx_params(params)
+    if like is not params:
+        return _module_microbatches(grad_fn, params, batches, has_aux, dtype)
+    init = _new("params", params, dtype)
 
     def body(state: GradAccumulator, batch: PyTree) -> tuple[GradAccumulator, Any]:
-        out = grad_fn(params, batch)
-        grad, aux = out if has_aux else (out, None)
-        return grad_accumulator_add(state, grad), aux
+        grad, aux = _gradient_of(grad_fn(params, batch), has_aux, params)
+        return _added(state, grad), aux
 
     state, aux = jax.lax.scan(body, init, batches)
+    mean = grad_accumulator_mean(state)
+    return (mean, aux) if has_aux else mean
+
+
+def _module_microbatches(
+    grad_fn: Callable[[Any, PyTree], Any],
+    module: Any,
+    batches: PyTree,
+    has_aux: bool,
+    dtype: DTypeLike,
+) -> Any:
+    """`grad_accumulate_microbatches` for an `nnx.Module`: its other state in the carry."""
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    init = _new("params", params, dtype)
+
+    def body(carry: tuple[GradAccumulator, Any], batch: PyTree) -> tuple[Any, Any]:
+        state, rest = carry
+        # A module of variables made in this trace, which grad_fn may use and mutate (nnx
+        # refuses variables made outside a scan body inside it); `rest` is new already.
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: x, params), rest)
+        grad, aux = _gradient_of(grad_fn(model, batch), has_aux, params)
+        after = nnx.split(model, nnx.Param, ...)[2]
+        diff = first_difference(rest, after)
+        if diff is not None:
+            path, before_has, after_has = diff
+            raise ValueError(
+                "`grad_fn` must not add or remove variables of the module: its "
+                "non-`Param` state is carried from one micro-batch to the next. At "
+                f"{path} the state had {before_has} and has {after_has} after `grad_fn`."
+            )
+        return (_added(state, grad), after), aux
+
+    (state, rest), aux = jax.lax.scan(body, (init, rest), batches)
+    nnx.update(module, rest)
     mean = grad_accumulator_mean(state)
     return (mean, aux) if has_aux else mean

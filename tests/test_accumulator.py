@@ -208,8 +208,94 @@ def test_microbatch_errors():
         jg.grad_accumulate_microbatches(g, params, {"x": jnp.ones((2, 1)), "y": jnp.ones((3, 1))})
     with pytest.raises(ValueError, match="at least one micro-batch; its leading axis is 0"):
         jg.grad_accumulate_microbatches(g, params, jnp.ones((0, 4)))
-    with pytest.raises(ValueError, match=r"`state.total` and `grad` must have the same structure"):
+    with pytest.raises(
+        ValueError,
+        match=r"`params` and `grad_fn\(params, batch\)` must have the same structure; they first "
+        r"differ at the root: `params` has a dict with keys \['w'\], `grad_fn\(params, batch\)` "
+        r"has a dict with keys \['v'\]\.",
+    ):
         jg.grad_accumulate_microbatches(lambda p, b: {"v": p["w"]}, params, jnp.ones((2, 1)))
+    with pytest.raises(
+        ValueError,
+        match=r"`params` and `grad_fn\(params, batch\)` must have leaves of the same shapes; at "
+        r"\['w'\] `params` has f32\[2\], `grad_fn\(params, batch\)` has f32\[\]",
+    ):
+        jg.grad_accumulate_microbatches(lambda p, b: {"w": p["w"].sum()}, params, jnp.ones((2, 1)))
+
+
+def test_microbatch_gradient_structure_errors_name_the_first_differing_key_path():
+    params = {"enc": [{"w": jnp.ones(2), "b": jnp.ones(())}], "dec": jnp.ones(3)}
+
+    def grad_fn(p, batch):
+        return {"enc": [{"w": p["enc"][0]["w"], "scale": p["enc"][0]["b"]}], "dec": p["dec"]}
+
+    with pytest.raises(
+        ValueError,
+        match=r"they first differ at \['enc'\]\[0\]: `params` has a dict with keys \['b', 'w'\], "
+        r"`grad_fn\(params, batch\)` has a dict with keys \['scale', 'w'\]\.",
+    ):
+        jg.grad_accumulate_microbatches(grad_fn, params, jnp.ones((2, 1)))
+    with pytest.raises(
+        ValueError, match=r"`params` and `grad_fn\(params, batch\)\[0\]` must have the same"
+    ):
+        jg.grad_accumulate_microbatches(
+            lambda p, b: (grad_fn(p, b), b), params, jnp.ones((2, 1)), has_aux=True
+        )
+
+
+@pytest.mark.parametrize(
+    "out",
+    [
+        {"grad": {"w": 1.0}, "aux": 2.0},
+        {"w": 1.0},
+        1.0,
+        ({"w": 1.0}, 2.0, 3.0),
+        None,
+    ],
+    ids=["dict of two", "the gradient alone", "a scalar", "a triple", "None"],
+)
+def test_has_aux_needs_a_pair(out):
+    params = {"w": jnp.ones(())}
+    out = jax.tree.map(jnp.asarray, out)
+    with pytest.raises(
+        TypeError,
+        match=r"`grad_fn` must return a pair `\(grad, aux\)` when `has_aux=True`, as "
+        r"`jax.grad\(loss, has_aux=True\)` does; it returned ",
+    ):
+        jg.grad_accumulate_microbatches(lambda p, b: out, params, jnp.ones((2, 1)), has_aux=True)
+
+
+def test_has_aux_pairs_and_what_they_return():
+    params = {"w": jnp.ones(2)}
+    with pytest.raises(TypeError, match=r"it returned a dict with keys \['aux', 'grad'\]\."):
+        jg.grad_accumulate_microbatches(
+            lambda p, b: {"grad": p, "aux": b}, params, jnp.ones((2, 1)), has_aux=True
+        )
+    # a list pair is a pair too
+    out, aux = jg.grad_accumulate_microbatches(
+        lambda p, b: [p, b.sum()], params, jnp.ones((2, 3)), has_aux=True
+    )
+    chex.assert_trees_all_equal(out, params)
+    np.testing.assert_array_equal(aux, [3.0, 3.0])
+    # a (grad, aux) pair without has_aux gets a hint, not a structure error about a tuple
+    with pytest.raises(
+        ValueError, match=r"a pair whose first entry has the structure of `params`; .*has_aux=True"
+    ):
+        jg.grad_accumulate_microbatches(lambda p, b: (p, b), params, jnp.ones((2, 1)))
+
+
+def test_grad_fn_returning_none_is_a_clear_error():
+    # paysage's in-place style: update something and return nothing
+    with pytest.raises(
+        TypeError,
+        match=r"`grad_fn` must return the gradient, with the structure of `params`; "
+        r"`grad_fn\(params, batch\)` is None\.",
+    ):
+        jg.grad_accumulate_microbatches(lambda p, b: None, {"w": jnp.ones(2)}, jnp.ones((2, 1)))
+    with pytest.raises(TypeError, match=r"`grad_fn\(params, batch\)\[0\]` is None"):
+        jg.grad_accumulate_microbatches(
+            lambda p, b: (None, b), {"w": jnp.ones(2)}, jnp.ones((2, 1)), has_aux=True
+        )
 
 
 # -- errors ---------------------------------------------------------------------------
@@ -241,9 +327,86 @@ def test_accumulator_errors():
         jg.grad_accumulator({"w": jnp.ones(2)}, dtype=jnp.int32)
     with pytest.raises(
         TypeError,
-        match=r"`like` must have floating-point or complex leaves; at \['n'\] it has dtype int32",
+        match=r"`like` must have floating-point or complex leaves; at \['n'\] it has i32\[2\]\.",
     ):
         jg.grad_accumulator({"n": jnp.ones(2, jnp.int32)})
+
+
+# Leaves that are not floating-point arrays, each with what the house error says of it.
+BAD_LEAVES = {
+    "PRNG key": (
+        lambda: jax.random.key(0),
+        r"must be a pytree of numeric arrays; at \['bad'\] it has the PRNG key key<fry>\[\], "
+        r"which has no gradient\.",
+    ),
+    "raw uint32 key": (
+        lambda: jax.random.PRNGKey(0),
+        r"must have floating-point or complex leaves; at \['bad'\] it has u32\[2\]\.",
+    ),
+    "int counter": (
+        lambda: jnp.zeros((), jnp.int32),
+        r"must have floating-point or complex leaves; at \['bad'\] it has i32\[\]\.",
+    ),
+    "bool mask": (
+        lambda: np.ones(3, bool),
+        r"must have floating-point or complex leaves; at \['bad'\] it has bool\[3\]\.",
+    ),
+    "string": (
+        lambda: "relu",
+        r"must be a pytree of numeric arrays; at \['bad'\] it has a str: 'relu'\.",
+    ),
+    "object array": (
+        lambda: np.array([object()]),
+        r"must be a pytree of numeric arrays; at \['bad'\] it has an array of dtype object\[1\]\.",
+    ),
+    "function": (
+        lambda: _returns_none,
+        r"must be a pytree of numeric arrays; at \['bad'\] it has a function: <function _returns_none",
+    ),
+    "int ShapeDtypeStruct": (
+        lambda: jax.ShapeDtypeStruct((2,), jnp.int32),
+        r"must be a pytree of numeric arrays; at \['bad'\] it has a ShapeDtypeStruct",
+    ),
+}
+
+
+def _returns_none(*args):
+    return None
+
+
+@pytest.mark.parametrize(("make", "message"), BAD_LEAVES.values(), ids=list(BAD_LEAVES))
+def test_non_float_leaves_get_the_house_error_naming_the_key_path(make, message):
+    good = {"w": jnp.ones(2)}
+    with pytest.raises(TypeError, match="`like` " + message):
+        jg.grad_accumulator(good | {"bad": make()})
+    state = jg.grad_accumulator(good | {"bad": jnp.ones(2)})
+    if "ShapeDtypeStruct" not in message:  # a shape alone is no gradient either way
+        with pytest.raises(TypeError, match="`grad` " + message):
+            jg.grad_accumulator_add(state, good | {"bad": make()})
+    with pytest.raises(TypeError, match="`params` " + message):
+        jg.grad_accumulate_microbatches(
+            jax.grad(_sum_loss), good | {"bad": make()}, jnp.ones((2, 1))
+        )
+
+
+def _sum_loss(params, batch):
+    return jnp.sum(params["w"]) * jnp.sum(batch)
+
+
+@pytest.mark.parametrize("bad", [jnp.int32, jnp.uint32, jnp.bool_])
+def test_microbatch_gradients_with_non_float_leaves_name_the_key_path(bad):
+    params = {"w": jnp.ones(2), "n": jnp.ones(3)}
+
+    def grad_fn(p, batch):
+        return {"w": p["w"] * batch.sum(), "n": p["n"].astype(bad)}
+
+    name = jnp.dtype(bad).name.replace("int", "i").replace("ui", "u")
+    with pytest.raises(
+        TypeError,
+        match=r"`grad_fn\(params, batch\)` must have floating-point or complex leaves; at "
+        rf"\['n'\] it has {name}\[3\]\.",
+    ):
+        jg.grad_accumulate_microbatches(grad_fn, params, jnp.ones((2, 1)))
 
 
 # -- laws on random trees ------------------------------------------------------------------
@@ -272,3 +435,25 @@ def test_mean_of_scaled_copies_on_random_trees(tree, coefficients, jit):
     np.testing.assert_allclose(flat(state.total), expected_sum, rtol=1e-6, atol=1e-5)
     expected = expected_sum / len(coefficients)
     assert np.all(np.abs(flat(mean) - expected) <= np.abs(expected) * 2**-7 + 1e-6)
+
+
+# -- Flax modules --------------------------------------------------------------------------
+
+
+def test_a_module_stands_for_its_param_state(dtype):
+    from flax import nnx
+
+    model = nnx.Sequential(
+        nnx.Linear(3, 2, rngs=nnx.Rngs(0), param_dtype=dtype),
+        nnx.Dropout(0.5, rngs=nnx.Rngs(1)),  # a uint32 RNG count and a PRNG key: no gradient
+    )
+    params = nnx.state(model, nnx.Param)
+    state = jg.grad_accumulator(model)
+    assert jax.tree.structure(state.total) == jax.tree.structure(params)
+    assert state.dtypes == (jnp.dtype(dtype),) * 2
+    state = jg.grad_accumulator_add(state, model)  # a module as the gradient: its Params
+    state = jg.grad_accumulator_add(state, params)
+    mean = jg.grad_accumulator_mean(state)
+    assert type(mean) is type(params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(mean, params)
+    chex.assert_trees_all_equal(mean, params)

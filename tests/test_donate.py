@@ -130,3 +130,56 @@ def test_donate_inside_user_jit_is_plain():
     out = jax.jit(lambda t: jg.grad_apply_(_half, t, donate=True))(tree)
     np.testing.assert_array_equal(out["w"], 0.5)
     assert not tree["w"].is_deleted()
+
+
+# -- the accumulator and the per-device helpers ------------------------------------------
+
+
+def test_accumulator_donation_reuses_the_sum_buffers(dtype):
+    like = make_tree("nested", dtype)
+    state = jg.grad_accumulator(like)
+    pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state.total)]
+    out = jg.grad_accumulator_add(state, make_tree("nested", dtype, seed=1), donate=True)
+    assert all(_deleted(state))
+    assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(out.total)] == pointers
+    chex.assert_trees_all_equal_shapes_and_dtypes(jg.grad_accumulator_mean(out), like)
+
+
+def test_accumulator_donation_with_a_module_as_the_gradient():
+    from flax import nnx
+
+    model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Dropout(0.5, rngs=nnx.Rngs(1)))
+    state = jg.grad_accumulator(model)
+    out = jg.grad_accumulator_add(state, model, donate=True)
+    assert all(_deleted(state))
+    assert not any(_deleted(nnx.state(model)))  # the module is only read
+    chex.assert_trees_all_equal(jg.grad_accumulator_mean(out), nnx.state(model, nnx.Param))
+
+
+def test_per_device_on_one_device_is_one_call_on_the_whole_tree():
+    from jaxgrad._donate import device_groups, per_device, placed
+
+    tree, other = make_tree("nested", seed=1), make_tree("nested", seed=2)
+    calls = []
+
+    def fn(t, o):
+        calls.append(t)
+        return jax.tree.map(jnp.add, t, o)
+
+    out = per_device(fn, tree, other)
+    assert len(calls) == 1 and calls[0] is tree
+    chex.assert_trees_all_close(out, jax.tree.map(jnp.add, tree, other))
+    assert device_groups(jax.tree.leaves(tree)) == [[0, 1, 2, 3]]
+    assert device_groups([]) == []
+    assert not placed(jax.tree.leaves(tree))
+
+
+def test_keep_only_keeps_the_key_paths_of_the_kept_leaves():
+    from jaxgrad._donate import keep_only
+
+    tree = jg.Gradient([{"bias": jnp.ones(2)}, {"bias": jnp.ones(3)}], [{"W": jnp.ones((2, 3))}])
+    leaves, treedef = jax.tree.flatten(tree)
+    part = keep_only(treedef, leaves, {2})
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(part)[0]]
+    assert paths == [".weights[0]['W']"]
+    assert treedef.flatten_up_to(part) == [None, None, leaves[2]]

@@ -1,7 +1,9 @@
 """jaxgrad inside real Flax training code: nnx modules and optimizers, linen params and TrainState."""
 
 import functools
+import importlib.util
 import math
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -16,6 +18,7 @@ from flax.training import train_state
 import jaxgrad as jg
 
 BATCH, SIDE, TOKENS, VOCAB, CLASSES = 8, 6, 3, 10, 3
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture(autouse=True)
@@ -218,6 +221,222 @@ def test_nnx_microbatch_accumulation_equals_full_batch(accumulate):
     assert float(jg.grad_norm(full)) > 0.1
 
 
+def split_batches(batch: tuple[jax.Array, ...], micro: int) -> tuple[jax.Array, ...]:
+    """(images, tokens, labels) with a leading micro-batch axis of length `micro`."""
+    return jax.tree.map(lambda x: x.reshape(micro, -1, *x.shape[1:]), batch)
+
+
+def plain(tree: Any) -> list[tuple[str, np.ndarray]]:
+    """The leaves of a model state as numpy arrays (PRNG keys as their key data), by path."""
+
+    def value(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.asarray(x)
+
+    return [(path, value(x)) for path, x in leaves_with_paths(tree)]
+
+
+def assert_bit_identical(got: Any, want: Any) -> None:
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, a), (_, b) in zip(plain(got), plain(want), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert a.tobytes() == b.tobytes(), path  # NaN-safe and bit for bit
+
+
+def nnx_grad_of(model: Net, batch: tuple[jax.Array, ...]) -> Any:
+    return nnx.grad(nnx_loss)(model, *batch)
+
+
+@nnx.jit
+def nnx_unrolled(model: Net, batches: tuple[jax.Array, ...]) -> Any:
+    """The reference: one `nnx.grad` per micro-batch on the module, summed by the accumulator."""
+    state = jg.grad_accumulator(model)
+    for i in range(batches[0].shape[0]):
+        state = jg.grad_accumulator_add(state, nnx_grad_of(model, [x[i] for x in batches]))
+    return jg.grad_accumulator_mean(state)
+
+
+def nnx_scanned(model: Net, batches: tuple[jax.Array, ...]) -> Any:
+    return jg.grad_accumulate_microbatches(nnx_grad_of, model, batches)
+
+
+@pytest.mark.parametrize(
+    "param_dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=["f32", "bf16", "f16"]
+)
+@pytest.mark.parametrize("mode", ["eager", "nnx.jit"])
+def test_nnx_microbatches_in_train_mode_equal_the_unrolled_loop(mode, param_dtype):
+    model = make_net(param_dtype)  # train mode: BatchNorm statistics move, Dropout draws
+    reference = nnx.clone(model)
+    params = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+    start = nnx.clone(nnx.state(model, nnx.Not(nnx.Param)))
+    batches = split_batches(make_batch(4, n=32), 4)
+    accumulate = nnx.jit(nnx_scanned) if mode == "nnx.jit" else nnx_scanned
+    got = accumulate(model, batches)
+    want = nnx_unrolled(reference, batches)
+    assert type(got) is type(want)
+    assert_same_layout(got, want)
+    assert_same_layout(got, params)  # the parameter dtypes
+    rtol, atol = (1e-5, 1e-6) if param_dtype == jnp.float32 else (1e-2, 1e-2)
+    assert_trees_close(got, want, rtol, atol)
+    assert float(jg.grad_norm(got)) > 0.1
+    # The module's other state moved as in the loop: batch statistics, RNG counts and keys.
+    after = nnx.state(model, nnx.Not(nnx.Param))
+    assert jax.tree.structure(after) == jax.tree.structure(start)
+    assert_trees_close(
+        nnx.state(model, nnx.BatchStat), nnx.state(reference, nnx.BatchStat), rtol, atol
+    )
+    assert_bit_identical(nnx.state(model, nnx.RngState), nnx.state(reference, nnx.RngState))
+    assert not np.allclose(
+        np.asarray(model.norm.mean[...], np.float32),
+        np.asarray(start["norm"]["mean"][...], np.float32),
+    )
+    assert int(model.drop.rngs.count[...]) == int(start["drop"]["rngs"]["count"][...]) + 4
+    assert_bit_identical(nnx.state(model, nnx.Param), params)  # parameters untouched
+
+
+def test_nnx_microbatches_with_aux_return_what_the_unrolled_loop_sees():
+    model = make_net()
+    reference = nnx.clone(model)
+    batches = split_batches(make_batch(5, n=16), 2)
+
+    def grad_fn(model, batch):
+        return nnx.grad(lambda m: (nnx_loss(m, *batch),) * 2, has_aux=True)(model)
+
+    step = nnx.jit(lambda m, b: jg.grad_accumulate_microbatches(grad_fn, m, b, has_aux=True))
+    got, losses = step(model, batches)
+    assert losses.shape == (2,) and losses.dtype == jnp.float32
+    want = nnx_unrolled(nnx.clone(reference), batches)
+    assert_trees_close(got, want)
+    # the losses of the loop, each micro-batch with its own dropout mask and statistics
+    loss = nnx.jit(nnx_loss)
+    expected = [loss(reference, *[x[i] for x in batches]) for i in range(2)]
+    np.testing.assert_allclose(np.asarray(losses), np.asarray(expected), rtol=1e-6)
+    assert_bit_identical(nnx.state(model, nnx.RngState), nnx.state(reference, nnx.RngState))
+
+
+class Counting(nnx.Module):
+    """Adds a variable on its first call (as `sow` adds intermediates)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(2, 2, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if not hasattr(self, "calls"):
+            self.calls = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        self.calls[...] += 1
+        return self.linear(x)
+
+
+def test_nnx_microbatches_refuse_a_grad_fn_that_adds_variables():
+    model = Counting(nnx.Rngs(0))
+    grad_fn = nnx.grad(lambda m, x: jnp.sum(m(x)))
+    with pytest.raises(
+        ValueError,
+        match=r"`grad_fn` must not add or remove variables of the module: its non-`Param` state "
+        r"is carried from one micro-batch to the next\. At the root the state had a State with "
+        r"keys \[\] and has a State with keys \['calls'\] after `grad_fn`\.",
+    ):
+        jg.grad_accumulate_microbatches(grad_fn, model, jnp.ones((2, 3, 2)))
+    model(jnp.ones((3, 2)))  # with the variable in place from the start, it is carried
+    jg.grad_accumulate_microbatches(grad_fn, model, jnp.ones((2, 3, 2)))
+    assert int(model.calls[...]) == 3
+
+
+def test_nnx_microbatches_name_the_key_path_of_a_wrong_gradient():
+    model = make_net()
+    batches = split_batches(make_batch(0), 2)
+
+    def wrong(model, batch):  # the gradient w.r.t. the batch statistics too
+        return nnx.grad(nnx_loss, argnums=nnx.DiffState(0, nnx.Any(nnx.Param, nnx.BatchStat)))(
+            model, *batch
+        )
+
+    with pytest.raises(
+        ValueError,
+        match=r"`params` and `grad_fn\(params, batch\)` must have the same structure; they first "
+        r"differ at \['norm'\]: `params` has a dict with keys \['bias', 'scale'\], "
+        r"`grad_fn\(params, batch\)` has a dict with keys \['bias', 'mean', 'scale', 'var'\]\.",
+    ):
+        jg.grad_accumulate_microbatches(wrong, model, batches)
+
+
+# Skipping a bad step: keep the whole model state, not only the parameters ----------------
+
+
+@nnx.jit
+def nnx_skip_step(model: Net, optimizer: nnx.Optimizer, images, tokens, labels):
+    """The recipe: a non-finite gradient leaves params, batch stats, RNG and optimizer as they were."""
+    # nnx.state is live (it holds the module's variables): clone it to keep today's values.
+    model_before, optimizer_before = nnx.clone(nnx.state(model)), nnx.clone(nnx.state(optimizer))
+    loss, grads = nnx.value_and_grad(nnx_loss)(model, images, tokens, labels)  # BatchNorm moves
+    grads, stats = jg.grad_clip(grads, 1.0, by="leaf")  # NaN/inf passed on, stats.finite False
+
+    optimizer.update(model, grads)
+
+    def keep_if_finite(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(stats.finite, n, o), new, old)
+
+    nnx.update(model, keep_if_finite(nnx.state(model), model_before))
+    nnx.update(optimizer, keep_if_finite(nnx.state(optimizer), optimizer_before))
+    return loss, stats
+
+
+def with_nan(batch: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    images, tokens, labels = batch
+    return images.at[0, 2, 3, 0].set(jnp.nan), tokens, labels
+
+
+def test_nnx_skip_step_keeps_everything_bit_identical_after_a_nan_batch():
+    model = make_net()  # train mode: BatchNorm and Dropout
+    optimizer = nnx.Optimizer(model, optax.adam(0.01), wrt=nnx.Param)
+    reference = nnx.clone(model)  # trained on the same batches without the bad one
+    ref_optimizer = nnx.Optimizer(reference, optax.adam(0.01), wrt=nnx.Param)
+    batches = [make_batch(i) for i in range(4)]
+    for i, batch in enumerate(batches):
+        if i == 2:
+            before = nnx.clone((nnx.state(model), nnx.state(optimizer)))
+            loss, stats = nnx_skip_step(model, optimizer, *with_nan(batch))
+            assert np.isnan(float(loss)) and not bool(stats.finite)
+            assert stats.groups.as_dict()["nonfinite/conv/kernel"] > 0  # where it came from
+            assert_bit_identical((nnx.state(model), nnx.state(optimizer)), before)
+        loss, stats = nnx_skip_step(model, optimizer, *batch)
+        ref_loss, _ = nnx_skip_step(reference, ref_optimizer, *batch)
+        assert bool(stats.finite)
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    # The bad step left no trace: parameters, batch statistics, dropout RNG, adam state.
+    # (Close rather than bit for bit: a GPU may sum the embedding gradient in any order.)
+    numbers = nnx.Any(nnx.Param, nnx.BatchStat)
+    assert_trees_close(nnx.state(model, numbers), nnx.state(reference, numbers), 1e-6, 1e-7)
+    assert_bit_identical(nnx.state(model, nnx.RngState), nnx.state(reference, nnx.RngState))
+    assert_trees_close(nnx.state(optimizer), nnx.state(ref_optimizer), 1e-6, 1e-7)
+    assert int(optimizer.step[...]) == 4
+
+
+def test_nnx_apply_if_finite_alone_keeps_the_parameters_but_not_the_batch_statistics():
+    """Why the recipe keeps the whole state: BatchNorm updates during the forward pass."""
+    model = make_net()
+    optimizer = nnx.Optimizer(model, optax.apply_if_finite(optax.adam(0.01), 3), wrt=nnx.Param)
+    params = nnx.clone(nnx.state(model, nnx.Param))
+
+    @nnx.jit
+    def step(model, optimizer, *batch):
+        grads, _ = jg.grad_clip(nnx.grad(nnx_loss)(model, *batch), 1.0)
+        optimizer.update(model, grads)
+
+    step(model, optimizer, *with_nan(make_batch(0)))
+    assert_bit_identical(nnx.state(model, nnx.Param), params)  # the update was skipped
+    assert np.isnan(np.asarray(model.norm.mean[...])).any()  # the statistics were not
+
+
+def test_example_flax_skip_step_runs():
+    spec = importlib.util.spec_from_file_location("flax_skip_step", EXAMPLES / "flax_skip_step.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(steps=4, bad_step=1)
+
+
 # linen -----------------------------------------------------------------------------------
 
 
@@ -314,6 +533,44 @@ def test_linen_train_state_step_matches_optax_clipping():
     assert_trees_close(ours.params, theirs.params, rtol=1e-4, atol=1e-6)
     assert_trees_close(ours.batch_stats, theirs.batch_stats)
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def linen_skip_step(model, state: StateWithStats, batch, key):
+    """The recipe for linen: the whole `TrainState` (step, params, opt_state, batch_stats)."""
+    (loss, batch_stats), grads = jax.value_and_grad(linen_loss, argnums=1, has_aux=True)(
+        model, state.params, state.batch_stats, *batch, key
+    )
+    grads, stats = jg.grad_clip(grads, 1.0, by="leaf")
+    new = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    new = jax.tree.map(lambda n, o: jnp.where(stats.finite, n, o), new, state)
+    return new, loss, stats
+
+
+def test_linen_skip_step_keeps_the_train_state_bit_identical_after_a_nan_batch():
+    model, params, batch_stats = linen_init()
+    step = jax.jit(linen_skip_step, static_argnums=0)
+    tx = optax.adam(0.01)
+    ours = theirs = StateWithStats.create(
+        apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats
+    )
+    for i in range(4):
+        batch, key = make_batch(i), jax.random.key(100 + i)
+        if i == 2:
+            before = ours
+            ours, loss, stats = step(model, ours, with_nan(batch), key)
+            assert np.isnan(float(loss)) and not bool(stats.finite)
+            assert_bit_identical(ours, before)
+            # without the recipe the batch statistics would be NaN
+            _, stats_of_bad_step = jax.jit(linen_loss, static_argnums=0)(
+                model, params, batch_stats, *with_nan(batch), key
+            )
+            assert any(np.isnan(np.asarray(x)).any() for x in jax.tree.leaves(stats_of_bad_step))
+        ours, loss, stats = step(model, ours, batch, key)
+        theirs, their_loss, _ = step(model, theirs, batch, key)
+        assert bool(stats.finite)
+        np.testing.assert_allclose(float(loss), float(their_loss), rtol=1e-6)
+    assert int(ours.step) == int(theirs.step) == 4
+    assert_trees_close(ours, theirs, 1e-6, 1e-7)
 
 
 def test_linen_microbatch_accumulation_equals_full_batch():
