@@ -8,9 +8,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.core import Tracer
 from jax.sharding import PartitionSpec, Sharding
 
+from ._donate import placed
 from ._gradient import Gradient
 from ._structure import (
     check_array_leaves,
@@ -189,7 +189,7 @@ def zero_grad(model: Any, *, dtype: DTypeLike | None = None) -> PyTree:
     dtype = _check_dtype(dtype)
     params = parameters(model)
     _check_no_keys(params)
-    if jax.device_count() > 1 and _has_sharded_leaf(params):
+    if placed(jax.tree.leaves(params)):
         # Op by op, each zero array takes the sharding of its leaf; one compiled call
         # would not (the zeros read nothing from `params`, so XLA would replicate them).
         return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype), params)
@@ -212,14 +212,6 @@ def _check_dtype(dtype: Any) -> Any:
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _zeros_like(params: PyTree, dtype: Any = None) -> PyTree:
     return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype), params)
-
-
-def _has_sharded_leaf(tree: PyTree) -> bool:
-    """Whether a leaf is a concrete `jax.Array` spread over more than one device."""
-    return any(
-        isinstance(x, jax.Array) and not isinstance(x, Tracer) and len(x.sharding.device_set) > 1
-        for x in jax.tree.leaves(tree)
-    )
 
 
 def random_grad(

@@ -6,7 +6,7 @@ from typing import Any
 
 import jax
 
-from ._donate import check_donatable
+from ._donate import check_donatable, per_device
 from ._structure import check_callable, check_same_structure, is_traced, nnx_params, where
 from ._typing import PyTree
 
@@ -118,7 +118,7 @@ def grad_apply_(func_: Callable[[Any], Any], grad: PyTree, *, donate: bool = Fal
     check_callable("func_", func_)
     if donate and not is_traced(grad):
         check_donatable("grad", grad)
-        return _apply_donated(func_, grad)
+        return per_device(functools.partial(_apply_donated, func_), grad)
     return _map_new_leaves("grad_apply_", "grad", func_, grad)
 
 
@@ -199,5 +199,5 @@ def grad_mapzip_(
     check_same_structure("grad1", grad1, "grad2", grad2)
     if donate and not is_traced((grad1, grad2)):
         check_donatable("grad1", grad1, grad2=grad2)
-        return _mapzip_donated(func_, grad1, grad2)
+        return per_device(functools.partial(_mapzip_donated, func_), grad1, grad2)
     return _map_new_leaves("grad_mapzip_", "grad1", func_, grad1, grad2)

@@ -401,27 +401,21 @@ def check_accumulator_with_leaves_on_different_devices() -> None:
 
 @check
 def check_donated_maps_per_device_with_leaves_on_different_devices() -> None:
-    """The change proposed for `grad_apply_`/`grad_mapzip_`: their donated jit, per device.
+    """`grad_apply_`/`grad_mapzip_` with `donate=True` keep each leaf on its device.
 
-    Today `grad_apply_(..., donate=True)` on these leaves raises XLA's "incompatible
-    devices"; calling its donated kernel through `jaxgrad._donate.per_device` keeps each
-    leaf where it was and still donates every buffer.
+    They raised XLA's "incompatible devices" on leaves committed to different devices;
+    their donated kernel now runs once per device set and still donates every buffer.
     """
-    import functools
-
-    from jaxgrad import _maps
-    from jaxgrad._donate import per_device
-
     tree = on_different_devices()
     where_tree = device_ids(tree)
     expected = jax.tree.map(lambda x: -np.asarray(x, np.float32), jax.device_get(tree))
-    out = per_device(functools.partial(_maps._apply_donated, jnp.negative), tree)
+    out = jg.grad_apply_(jnp.negative, tree, donate=True)
     assert all(x.is_deleted() for x in jax.tree.leaves(tree))
     assert device_ids(out) == where_tree, device_ids(out)
     for key in "abc":
         np.testing.assert_allclose(np.asarray(out[key], np.float32), expected[key], err_msg=key)
     other = jax.tree.map(lambda x: jax.device_put(x, jax.devices()[7]), on_different_devices(1))
-    summed = per_device(functools.partial(_maps._mapzip_donated, jnp.add), out, other)
+    summed = jg.grad_mapzip_(jnp.add, out, other, donate=True)
     assert all(x.is_deleted() for x in jax.tree.leaves(out))
     assert not any(x.is_deleted() for x in jax.tree.leaves(other))
     assert device_ids(summed) == where_tree, device_ids(summed)
