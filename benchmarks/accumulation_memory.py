@@ -1,6 +1,6 @@
 """Peak memory of micro-batch gradient accumulation, against the size of the gradient.
 
-`jaxgrad.grad_accumulate_microbatches` scans over micro-batches with a float32 running
+`jaxgrad.grad_microbatch_mean` scans over micro-batches with a float32 running
 sum as the carry, so it should need one float32 copy of the gradient on top of what one
 micro-batch's gradient needs, however many micro-batches there are. This script measures
 it with XLA's compiled memory analysis (`jax.jit(f).lower(...).compile()
@@ -9,7 +9,7 @@ same for every variant), for an MLP whose parameters dominate its activations, i
 float32 and bfloat16, and prints a markdown table. Variants:
 
 - `one micro-batch`: `jax.grad(loss)(params, batches[0])`, the baseline;
-- `jaxgrad scan`: `grad_accumulate_microbatches(jax.grad(loss), params, batches)`;
+- `jaxgrad scan`: `grad_microbatch_mean(jax.grad(loss), params, batches)`;
 - `vmap then mean`: every micro-batch gradient at once, then their mean;
 - `full batch`: `jax.grad(loss)` on all the micro-batches as one batch.
 
@@ -62,7 +62,7 @@ def variants() -> dict[str, Callable[..., Any]]:
     grad = jax.grad(loss)
 
     def scan(params, batches):
-        return jg.grad_accumulate_microbatches(grad, params, batches)
+        return jg.grad_microbatch_mean(grad, params, batches)
 
     def vmap_mean(params, batches):
         grads = jax.vmap(grad, in_axes=(None, 0))(params, batches)

@@ -8,11 +8,8 @@ gradients. Every function accepts any pytree of arrays and works under `jax.jit`
 
 import importlib.metadata
 
-from ._accumulator import GradAccumulator as GradAccumulator
-from ._accumulator import grad_accumulate_microbatches as grad_accumulate_microbatches
-from ._accumulator import grad_accumulator as grad_accumulator
-from ._accumulator import grad_accumulator_add as grad_accumulator_add
-from ._accumulator import grad_accumulator_mean as grad_accumulator_mean
+from ._accumulator import GradSum as GradSum
+from ._accumulator import grad_microbatch_mean as grad_microbatch_mean
 from ._clip import GradStats as GradStats
 from ._clip import grad_clip as grad_clip
 from ._clip import grad_clip_by_magnitude as grad_clip_by_magnitude
@@ -50,15 +47,11 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source che
 
 __all__ = [
     "Gradient",
-    "GradAccumulator",
     "GradStats",
+    "GradSum",
     "GroupStats",
     "NonfiniteReport",
     "grad_accumulate",
-    "grad_accumulate_microbatches",
-    "grad_accumulator",
-    "grad_accumulator_add",
-    "grad_accumulator_mean",
     "grad_all_finite",
     "grad_apply",
     "grad_apply_",
@@ -69,6 +62,7 @@ __all__ = [
     "grad_magnitude",
     "grad_mapzip",
     "grad_mapzip_",
+    "grad_microbatch_mean",
     "grad_nonfinite_report",
     "grad_norm",
     "grad_normalize",

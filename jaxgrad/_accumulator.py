@@ -1,4 +1,4 @@
-"""Micro-batch gradient accumulation: a float32 running sum with a count, and a scan."""
+"""Sums of gradients over micro-batches: `GradSum` (a running sum and a count), a scan."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._dispatch import compiled, has_tracer
 from ._donate import check_donatable, moved_to, per_device, placed, replicated, sharding_of
 from ._structure import (
     check_array_leaves,
@@ -20,6 +19,7 @@ from ._structure import (
     check_same_structure,
     describe_node,
     first_difference,
+    is_traced,
     nnx_params,
     where,
 )
@@ -27,35 +27,126 @@ from ._typing import Array, DTypeLike, PyTree
 
 
 @dataclasses.dataclass(frozen=True)
-class GradAccumulator:
-    """State of a gradient accumulation: a running sum and the number of gradients added.
+class GradSum:
+    """A running sum of gradients and their count: micro-batch accumulation.
 
-    A pytree whose arrays are `total` and `count`; the dtypes that
-    `grad_accumulator_mean` returns are static (part of the tree structure). Its shapes
-    and dtypes never change as gradients are added, so it can be the carry of
-    `jax.lax.scan` or `jax.lax.fori_loop`, and donated to a jitted step (`donate_argnums`)
-    so that the sum is updated in place. Build it with `grad_accumulator`.
+    (jaxgrad's `grad_accumulate` is paysage's sum over the leaves of one gradient; this
+    is the other kind of accumulation, over gradients.) Build it with
+    `GradSum.zeros_like(params)`, add gradients with `.add(grad)` and read their mean with
+    `.mean()`. Sums are kept in float32 (or wider), so bfloat16 and float16 gradients lose
+    none of their small contributions, and the mean comes back in the dtypes of the
+    parameters. A pytree whose arrays are `total` and `count` (the dtypes of the mean are
+    static), with shapes and dtypes that never change as gradients are added: the carry
+    of `jax.lax.scan` or `jax.lax.fori_loop`, or an argument donated to a jitted step so
+    that the sum is updated in place. Each sum lives where its leaf of the parameters
+    lives (with its sharding), so adding and averaging never move data between devices.
 
     Attributes:
-        total: the sum of the gradients added, with the structure of `like`, each leaf
-            in float32 (or wider: float64 and complex leaves keep their dtype).
+        total: the sum of the gradients added, with the structure of the parameters, each
+            leaf in float32 (or wider: float64 and complex leaves keep their dtype).
         count: how many gradients were added (0-d int32).
-        dtypes: the dtype of each leaf of `like`, in `jax.tree.leaves` order.
+        dtypes: the dtype of each leaf of the parameters, in `jax.tree.leaves` order.
 
     Example:
-        >>> state = jaxgrad.grad_accumulator({"w": jnp.zeros(2, jnp.bfloat16)})
-        >>> state.total, state.count, state.dtypes
-        ({'w': Array([0., 0.], dtype=float32)}, Array(0, dtype=int32), (dtype(bfloat16),))
+        >>> params = {"w": jnp.zeros(2, jnp.bfloat16)}
+        >>> total = jaxgrad.GradSum.zeros_like(params)
+        >>> total.total, total.count
+        ({'w': Array([0., 0.], dtype=float32)}, Array(0, dtype=int32))
+        >>> for g in [jnp.array([1.0, 2.0], jnp.bfloat16), jnp.array([2.0, 3.0], jnp.bfloat16)]:
+        ...     total = total.add({"w": g})
+        >>> total.mean()
+        {'w': Array([1.5, 2.5], dtype=bfloat16)}
     """
 
     total: PyTree
     count: Array
     dtypes: tuple[Any, ...]
 
+    @classmethod
+    def zeros_like(cls, like: PyTree, *, dtype: DTypeLike = jnp.float32) -> GradSum:
+        """An empty sum for gradients shaped like `like`: zero sums, count 0.
 
-jax.tree_util.register_dataclass(
-    GradAccumulator, data_fields=["total", "count"], meta_fields=["dtypes"]
-)
+        Sums are kept in `dtype` (float32 by default) or the leaf's own dtype if wider;
+        the sum costs one `dtype` copy of the gradient.
+
+        Args:
+            like: a `Gradient`, any pytree of floating-point arrays, or of
+                `jax.ShapeDtypeStruct` (`jax.eval_shape` output): usually the parameters.
+                An `nnx.Module` stands for its `nnx.Param` state (what `nnx.grad` returns).
+            dtype: the least precision to accumulate in; a floating-point dtype.
+
+        Returns:
+            A `GradSum`.
+
+        Raises:
+            ValueError: if `dtype` is not a floating-point dtype.
+            TypeError: if a leaf of `like` is not a floating-point or complex array (an
+                integer counter, a PRNG key, a string...); the message names its key path.
+
+        Example:
+            >>> jaxgrad.GradSum.zeros_like([jnp.zeros(2)]).total
+            [Array([0., 0.], dtype=float32)]
+        """
+        return _new("like", nnx_params(like), dtype)
+
+    def add(self, grad: PyTree, *, donate: bool = False) -> GradSum:
+        """This sum plus one gradient: `total + grad` (in the sum dtype), `count + 1`.
+
+        Works eagerly (one compiled dispatch), under `jax.jit` and as the body of
+        `jax.lax.scan`; the new sum has the shapes and dtypes of the old one. With
+        `donate=True` an eager call reuses the buffers of this sum for the new one (JAX
+        buffer donation), so no second copy is made; this sum is consumed (its arrays are
+        deleted). Inside `jax.jit` donation is the outer function's business
+        (`donate_argnums`), so there `donate` changes nothing. Sums on different devices
+        are added by one compiled call per device set (a leaf of `grad` on another device
+        than its sum is moved to it).
+
+        Args:
+            grad: a gradient with the structure and leaf shapes of the parameters; any
+                floating-point dtypes (cast to the sum dtype). An `nnx.Module` stands for
+                its `nnx.Param` state.
+            donate: reuse (and delete) the buffers of this sum.
+
+        Returns:
+            The new `GradSum`.
+
+        Raises:
+            TypeError: if a leaf of `grad` is not a floating-point or complex array (the
+                message names its key path).
+            ValueError: if the structure or a leaf shape of `grad` differs from the sum's
+                (the message names the first differing key path), or, with
+                `donate=True`, if an array of this sum also appears in `grad`.
+
+        Example:
+            >>> total = jaxgrad.GradSum.zeros_like([jnp.zeros(2)])
+            >>> total = total.add([jnp.array([1.0, 2.0])], donate=True)
+            >>> total.total, total.count
+            ([Array([1., 2.], dtype=float32)], Array(1, dtype=int32))
+        """
+        return _add_checked(self, grad, donate)
+
+    def mean(self) -> PyTree:
+        """The mean of the gradients added, in the dtypes of the parameters.
+
+        The division is done in the sum dtype (float32 or wider) and the result cast
+        back to each leaf's dtype, so a bfloat16 model gets a bfloat16 gradient. A sum
+        with nothing added gives zeros (not NaN). Works eagerly (one compiled dispatch)
+        and under `jax.jit`; each mean lives where its sum does.
+
+        Returns:
+            A pytree with the structure and shapes of the parameters and their dtypes.
+
+        Example:
+            >>> total = jaxgrad.GradSum.zeros_like({"w": jnp.zeros(1)})
+            >>> total.mean()
+            {'w': Array([0.], dtype=float32)}
+            >>> total.add({"w": jnp.array([3.0])}).add({"w": jnp.array([4.0])}).mean()
+            {'w': Array([3.5], dtype=float32)}
+        """
+        return _mean_checked(self)
+
+
+jax.tree_util.register_dataclass(GradSum, data_fields=["total", "count"], meta_fields=["dtypes"])
 
 
 def _check_like(name: str, like: PyTree) -> None:
@@ -73,8 +164,8 @@ def _zeros(specs: tuple[tuple[tuple[int, ...], Any], ...]) -> tuple[list[Array],
     return [jnp.zeros(shape, dtype) for shape, dtype in specs], jnp.zeros((), jnp.int32)
 
 
-def _new(name: str, like: PyTree, dtype: DTypeLike) -> GradAccumulator:
-    """`grad_accumulator(like, dtype=dtype)`, its errors naming the argument `name`."""
+def _new(name: str, like: PyTree, dtype: DTypeLike) -> GradSum:
+    """`GradSum.zeros_like(like, dtype=dtype)`, its errors naming the argument `name`."""
     if not jnp.issubdtype(np.dtype(dtype), jnp.floating):
         raise ValueError(
             f"`dtype` must be a floating-point dtype to accumulate in; got {np.dtype(dtype).name}."
@@ -85,7 +176,7 @@ def _new(name: str, like: PyTree, dtype: DTypeLike) -> GradAccumulator:
     with jax.numpy_dtype_promotion("standard"):
         sums = tuple(np.dtype(jnp.promote_types(d, dtype)) for d in dtypes)
     specs = tuple((tuple(np.shape(x)), s) for x, s in zip(leaves, sums, strict=True))
-    if has_tracer(like):
+    if is_traced(like):
         # zeros_like keeps a traced leaf's sharding (explicit mesh axes) in the carry
         zeros = [
             jnp.zeros_like(x, d) if isinstance(x, jax.Array) else jnp.zeros(shape, d)
@@ -103,54 +194,15 @@ def _new(name: str, like: PyTree, dtype: DTypeLike) -> GradAccumulator:
         count = jnp.zeros((), jnp.int32, device=replicated(first))
     else:
         zeros, count = _zeros(specs)
-    return GradAccumulator(total=jax.tree.unflatten(treedef, zeros), count=count, dtypes=dtypes)
-
-
-def grad_accumulator(like: PyTree, *, dtype: DTypeLike = jnp.float32) -> GradAccumulator:
-    """An empty accumulator for gradients shaped like `like`: zero sums, count 0.
-
-    Add gradients with `grad_accumulator_add` and read their mean with
-    `grad_accumulator_mean`. Sums are kept in `dtype` (float32 by default) or the leaf's
-    own dtype if wider, so bfloat16 and float16 gradients are summed without losing
-    their small contributions, while the mean comes back in the dtype of each leaf of
-    `like`. The accumulator costs one `dtype` copy of the gradient. Each sum lives where
-    its leaf of `like` lives (with its sharding, on a mesh or on one device), so adding
-    and averaging never move data between devices.
-
-    Args:
-        like: a `Gradient`, any pytree of floating-point arrays, or of
-            `jax.ShapeDtypeStruct` (`jax.eval_shape` output): usually the parameters.
-            An `nnx.Module` stands for its `nnx.Param` state (what `nnx.grad` returns).
-        dtype: the least precision to accumulate in; a floating-point dtype.
-
-    Returns:
-        A `GradAccumulator`.
-
-    Raises:
-        ValueError: if `dtype` is not a floating-point dtype.
-        TypeError: if a leaf of `like` is not a floating-point or complex array (an
-            integer counter, a PRNG key, a string, an object array...); the message
-            names its key path.
-
-    Example:
-        >>> params = {"w": jnp.ones(2, jnp.bfloat16)}
-        >>> state = jaxgrad.grad_accumulator(params)
-        >>> for g in [jnp.array([1.0, 2.0], jnp.bfloat16), jnp.array([2.0, 3.0], jnp.bfloat16)]:
-        ...     state = jaxgrad.grad_accumulator_add(state, {"w": g})
-        >>> jaxgrad.grad_accumulator_mean(state)
-        {'w': Array([1.5, 2.5], dtype=bfloat16)}
-    """
-    return _new("like", nnx_params(like), dtype)
+    return GradSum(total=jax.tree.unflatten(treedef, zeros), count=count, dtypes=dtypes)
 
 
 def _sum(total: PyTree, grad: PyTree) -> PyTree:
     return jax.tree.map(lambda s, g: s + jnp.asarray(g).astype(s.dtype), total, grad)
 
 
-def _added(state: GradAccumulator, grad: PyTree) -> GradAccumulator:
-    return GradAccumulator(
-        total=_sum(state.total, grad), count=state.count + 1, dtypes=state.dtypes
-    )
+def _added(state: GradSum, grad: PyTree) -> GradSum:
+    return GradSum(total=_sum(state.total, grad), count=state.count + 1, dtypes=state.dtypes)
 
 
 def _add(total: PyTree, count: Array | None, grad: PyTree) -> tuple[PyTree, Array | None]:
@@ -158,7 +210,7 @@ def _add(total: PyTree, count: Array | None, grad: PyTree) -> tuple[PyTree, Arra
     return _sum(total, grad), None if count is None else count + 1
 
 
-_add_compiled = compiled()(_add)
+_add_compiled = jax.jit(_add)
 _add_donated = jax.jit(_add, donate_argnames=("total", "count"))
 
 
@@ -170,9 +222,7 @@ def _count_next_to(count: Array, total: PyTree) -> Array:
     return moved_to(count, first[0]) if first else count
 
 
-def _add_in_place(
-    kernel: Callable[..., Any], state: GradAccumulator, grad: PyTree
-) -> GradAccumulator:
+def _add_in_place(kernel: Callable[..., Any], state: GradSum, grad: PyTree) -> GradSum:
     """`kernel(state.total, state.count, grad)`, once per set of devices the sums live on.
 
     The count goes with the first call (moved next to the first sum if it lives
@@ -187,67 +237,31 @@ def _add_in_place(
         return total
 
     total = per_device(add, state.total, grad)
-    return GradAccumulator(total=total, count=counts[0], dtypes=state.dtypes)
+    return GradSum(total=total, count=counts[0], dtypes=state.dtypes)
 
 
 def _check_state(state: Any) -> None:
-    if not isinstance(state, GradAccumulator):
+    if not isinstance(state, GradSum):
         raise TypeError(
-            "`state` must be a `GradAccumulator` (from `grad_accumulator`); got "
-            f"{type(state).__name__}."
+            f"`state` must be a `GradSum` (from `GradSum.zeros_like`); got {type(state).__name__}."
         )
 
 
-def grad_accumulator_add(
-    state: GradAccumulator, grad: PyTree, *, donate: bool = False
-) -> GradAccumulator:
-    """Add one gradient to an accumulator: `total + grad` (in the sum dtype), `count + 1`.
-
-    Works eagerly (one compiled dispatch), under `jax.jit` and as the body of
-    `jax.lax.scan`; the new state has the shapes and dtypes of the old one. With
-    `donate=True` an eager call reuses the buffers of `state` for the new sum (JAX
-    buffer donation), so no second copy of the sum is made; `state` is consumed (its
-    arrays are deleted). Inside `jax.jit` donation is the outer function's business
-    (`donate_argnums`), so there `donate` changes nothing. Each sum stays where it
-    lives: sums on different devices are added by one compiled call per device (a
-    leaf of `grad` on another device than its sum is moved to it).
-
-    Args:
-        state: a `GradAccumulator`.
-        grad: a gradient with the structure and leaf shapes of the accumulator's `like`;
-            any floating-point dtypes (cast to the sum dtype). An `nnx.Module` stands
-            for its `nnx.Param` state.
-        donate: reuse (and delete) the buffers of `state`.
-
-    Returns:
-        The updated `GradAccumulator`.
-
-    Raises:
-        TypeError: if `state` is not a `GradAccumulator`, or a leaf of `grad` is not a
-            floating-point or complex array (the message names its key path).
-        ValueError: if the structure or a leaf shape of `grad` differs from the
-            accumulator's (the message names the first differing key path), or, with
-            `donate=True`, if an array of `state` also appears in `grad`.
-
-    Example:
-        >>> state = jaxgrad.grad_accumulator([jnp.zeros(2)])
-        >>> state = jaxgrad.grad_accumulator_add(state, [jnp.array([1.0, 2.0])], donate=True)
-        >>> state.total, state.count
-        ([Array([1., 2.], dtype=float32)], Array(1, dtype=int32))
-    """
+def _add_checked(state: GradSum, grad: PyTree, donate: bool) -> GradSum:
+    """`GradSum.add`: the checks in front, then one compiled call per device set."""
     _check_state(state)
     grad = nnx_params(grad)
     check_same_structure("state.total", state.total, "grad", grad)
     check_array_leaves("grad", grad, inexact=True)
     check_same_shapes("state.total", state.total, "grad", grad)
-    if has_tracer((state, grad)):
+    if is_traced((state, grad)):
         return _added(state, grad)
     if donate:
         check_donatable("state", state, grad=grad)
     return _add_in_place(_add_donated if donate else _add_compiled, state, grad)
 
 
-@compiled(static_argnames=("dtypes",))
+@functools.partial(jax.jit, static_argnames=("dtypes",))
 def _mean(total: PyTree, count: Array, dtypes: tuple[Any, ...]) -> PyTree:
     leaves, treedef = jax.tree.flatten(total)
     out = []
@@ -257,31 +271,8 @@ def _mean(total: PyTree, count: Array, dtypes: tuple[Any, ...]) -> PyTree:
     return jax.tree.unflatten(treedef, out)
 
 
-def grad_accumulator_mean(state: GradAccumulator) -> PyTree:
-    """The mean of the gradients added to an accumulator, in the dtypes of its `like`.
-
-    The division is done in the sum dtype (float32 or wider) and the result cast back
-    to each leaf's dtype, so a bfloat16 model gets a bfloat16 gradient. An accumulator
-    with nothing added gives zeros (not NaN). Works eagerly (one compiled dispatch) and
-    under `jax.jit`; each mean lives where its sum does.
-
-    Args:
-        state: a `GradAccumulator`.
-
-    Returns:
-        A pytree with the structure and shapes of the accumulator's `like` and its dtypes.
-
-    Raises:
-        TypeError: if `state` is not a `GradAccumulator`.
-
-    Example:
-        >>> state = jaxgrad.grad_accumulator({"w": jnp.zeros(1)})
-        >>> jaxgrad.grad_accumulator_mean(state)
-        {'w': Array([0.], dtype=float32)}
-        >>> state = jaxgrad.grad_accumulator_add(state, {"w": jnp.array([3.0])})
-        >>> jaxgrad.grad_accumulator_mean(jaxgrad.grad_accumulator_add(state, {"w": jnp.array([4.0])}))
-        {'w': Array([3.5], dtype=float32)}
-    """  # noqa: E501
+def _mean_checked(state: GradSum) -> PyTree:
+    """`GradSum.mean`: one compiled call per device set, each mean where its sum is."""
     _check_state(state)
     dtypes = jax.tree.unflatten(jax.tree.structure(state.total), list(state.dtypes))
 
@@ -343,7 +334,7 @@ def _gradient_of(out: Any, has_aux: bool, like: PyTree) -> tuple[PyTree, Any]:
     return grad, aux
 
 
-def grad_accumulate_microbatches(
+def grad_microbatch_mean(
     grad_fn: Callable[[Any, PyTree], Any],
     params: Any,
     batches: PyTree,
@@ -355,7 +346,7 @@ def grad_accumulate_microbatches(
 
     `batches` is a pytree whose leaves all have a leading micro-batch axis:
     `batches[i]` (leaf by leaf) is the i-th micro-batch. The scan carries a
-    `grad_accumulator(params, dtype=dtype)`, so memory holds one micro-batch's
+    `GradSum.zeros_like(params, dtype=dtype)`, so memory holds one micro-batch's
     gradient and activations plus one float32 copy of the gradient, however many
     micro-batches there are; bfloat16 and float16 gradients are summed in float32 and
     the mean returned in the dtypes of `params`. When the loss is a mean over examples
@@ -386,7 +377,7 @@ def grad_accumulate_microbatches(
         batches: a pytree of arrays with a common leading micro-batch axis.
         has_aux: whether `grad_fn` returns `(grad, aux)`; the `aux` values are stacked
             along a new leading axis, one entry per micro-batch.
-        dtype: the least precision to accumulate in (see `grad_accumulator`).
+        dtype: the least precision to accumulate in (see `GradSum.zeros_like`).
 
     Returns:
         The mean gradient, with the structure, shapes and dtypes of `params` (of its
@@ -408,7 +399,7 @@ def grad_accumulate_microbatches(
         >>> x = jnp.arange(8.0)
         >>> batches = {"x": x.reshape(4, 2), "y": (3 * x).reshape(4, 2)}
         >>> w = jnp.array(1.0)
-        >>> jaxgrad.grad_accumulate_microbatches(jax.grad(loss), w, batches)
+        >>> jaxgrad.grad_microbatch_mean(jax.grad(loss), w, batches)
         Array(-70., dtype=float32)
         >>> float(jax.grad(loss)(w, {"x": x, "y": 3 * x}))  # the full-batch gradient
         -70.0
@@ -425,7 +416,7 @@ def grad_accumulate_microbatches(
         ...     return jnp.mean(model(x) ** 2)
         >>> @nnx.jit
         ... def mean_grad(model, xs):
-        ...     return jaxgrad.grad_accumulate_microbatches(nnx.grad(loss), model, xs)
+        ...     return jaxgrad.grad_microbatch_mean(nnx.grad(loss), model, xs)
         >>> grads = mean_grad(model, jax.random.normal(jax.random.key(2), (4, 8, 3)))
         >>> type(grads).__name__, grads["layers"][0]["kernel"].shape
         ('State', (3, 4))
@@ -441,12 +432,12 @@ def grad_accumulate_microbatches(
         return _module_microbatches(grad_fn, params, batches, has_aux, dtype)
     init = _new("params", params, dtype)
 
-    def body(state: GradAccumulator, batch: PyTree) -> tuple[GradAccumulator, Any]:
+    def body(state: GradSum, batch: PyTree) -> tuple[GradSum, Any]:
         grad, aux = _gradient_of(grad_fn(params, batch), has_aux, params)
         return _added(state, grad), aux
 
     state, aux = jax.lax.scan(body, init, batches)
-    mean = grad_accumulator_mean(state)
+    mean = GradSum.mean(state)
     return (mean, aux) if has_aux else mean
 
 
@@ -457,13 +448,13 @@ def _module_microbatches(
     has_aux: bool,
     dtype: DTypeLike,
 ) -> Any:
-    """`grad_accumulate_microbatches` for an `nnx.Module`: its other state in the carry."""
+    """`grad_microbatch_mean` for an `nnx.Module`: its other state in the carry."""
     from flax import nnx
 
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     init = _new("params", params, dtype)
 
-    def body(carry: tuple[GradAccumulator, Any], batch: PyTree) -> tuple[Any, Any]:
+    def body(carry: tuple[GradSum, Any], batch: PyTree) -> tuple[Any, Any]:
         state, rest = carry
         # A module of variables made in this trace, which grad_fn may use and mutate (nnx
         # refuses variables made outside a scan body inside it); `rest` is new already.
@@ -482,5 +473,5 @@ def _module_microbatches(
 
     (state, rest), aux = jax.lax.scan(body, (init, rest), batches)
     nnx.update(module, rest)
-    mean = grad_accumulator_mean(state)
+    mean = GradSum.mean(state)
     return (mean, aux) if has_aux else mean

@@ -20,8 +20,8 @@ def test_accumulator_starts_at_zero_in_float32():
         "s": jnp.ones(()),
         "n": None,
     }
-    state = jg.grad_accumulator(like)
-    assert isinstance(state, jg.GradAccumulator)
+    state = jg.GradSum.zeros_like(like)
+    assert isinstance(state, jg.GradSum)
     chex.assert_trees_all_equal(
         state.total, {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3), "s": jnp.zeros(()), "n": None}
     )
@@ -31,23 +31,25 @@ def test_accumulator_starts_at_zero_in_float32():
 
 def test_accumulator_from_shape_dtype_structs_and_in_a_wider_dtype():
     like = jax.eval_shape(lambda: {"w": jnp.ones(2, jnp.bfloat16), "e": jnp.ones((0, 4))})
-    state = jg.grad_accumulator(like)
+    state = jg.GradSum.zeros_like(like)
     assert state.total["w"].dtype == jnp.float32 and state.total["e"].shape == (0, 4)
     with jax.enable_x64(True):
-        wide = jg.grad_accumulator({"w": jnp.ones(2, jnp.float32)}, dtype=jnp.float64)
+        wide = jg.GradSum.zeros_like({"w": jnp.ones(2, jnp.float32)}, dtype=jnp.float64)
         assert wide.total["w"].dtype == jnp.float64 and wide.dtypes == (jnp.dtype(jnp.float32),)
-        assert jg.grad_accumulator({"w": jnp.ones(2, jnp.float64)}).total["w"].dtype == jnp.float64
+        assert (
+            jg.GradSum.zeros_like({"w": jnp.ones(2, jnp.float64)}).total["w"].dtype == jnp.float64
+        )
 
 
 def test_accumulator_of_empty_tree():
-    state = jg.grad_accumulator({})
-    state = jg.grad_accumulator_add(state, {})
-    assert int(state.count) == 1 and jg.grad_accumulator_mean(state) == {}
+    state = jg.GradSum.zeros_like({})
+    state = jg.GradSum.add(state, {})
+    assert int(state.count) == 1 and jg.GradSum.mean(state) == {}
 
 
 def test_mean_of_nothing_is_zeros_not_nan():
-    state = jg.grad_accumulator(jg.Gradient([jnp.ones(2, jnp.bfloat16)], []))
-    out = jg.grad_accumulator_mean(state)
+    state = jg.GradSum.zeros_like(jg.Gradient([jnp.ones(2, jnp.bfloat16)], []))
+    out = jg.GradSum.mean(state)
     assert isinstance(out, jg.Gradient)
     chex.assert_trees_all_equal(out, jg.Gradient([jnp.zeros(2, jnp.bfloat16)], []))
 
@@ -55,14 +57,14 @@ def test_mean_of_nothing_is_zeros_not_nan():
 def test_add_and_mean_match_numpy_and_return_the_parameter_dtypes(dtype):
     like = make_tree("gradient", dtype)
     grads = [make_tree("gradient", dtype, seed=s) for s in range(1, 4)]
-    state = jg.grad_accumulator(like)
+    state = jg.GradSum.zeros_like(like)
     for g in grads:
-        state = jg.grad_accumulator_add(state, g)
+        state = jg.GradSum.add(state, g)
     assert int(state.count) == 3
     chex.assert_trees_all_equal_shapes_and_dtypes(
         state.total, jax.tree.map(lambda x: x.astype(jnp.float32), like)
     )
-    mean = jg.grad_accumulator_mean(state)
+    mean = jg.GradSum.mean(state)
     chex.assert_trees_all_equal_shapes_and_dtypes(mean, like)
     expected = np.mean([flat(g) for g in grads], axis=0)
     np.testing.assert_allclose(
@@ -77,12 +79,12 @@ def test_bfloat16_gradients_are_summed_in_float32():
 
     def run(grads):
         state, _ = jax.lax.scan(
-            lambda s, g: (jg.grad_accumulator_add(s, [g]), None),
-            jg.grad_accumulator([grads[0]]),
+            lambda s, g: (jg.GradSum.add(s, [g]), None),
+            jg.GradSum.zeros_like([grads[0]]),
             grads,
         )
         naive, _ = jax.lax.scan(lambda s, g: (s + g, None), jnp.zeros(1, jnp.bfloat16), grads)
-        return jg.grad_accumulator_mean(state), naive
+        return jg.GradSum.mean(state), naive
 
     (mean,), naive = jax.jit(run)(grads)
     assert float(naive[0]) == 1.0  # what accumulating in bfloat16 would give
@@ -94,25 +96,25 @@ def test_bfloat16_gradients_are_summed_in_float32():
 
 
 def test_donate_reuses_the_state_buffers():
-    state = jg.grad_accumulator({"w": jnp.zeros(3)})
+    state = jg.GradSum.zeros_like({"w": jnp.zeros(3)})
     old = state.total["w"]
-    new = jg.grad_accumulator_add(state, {"w": jnp.ones(3)}, donate=True)
+    new = jg.GradSum.add(state, {"w": jnp.ones(3)}, donate=True)
     assert old.is_deleted() and state.count.is_deleted()
     chex.assert_trees_all_equal(new.total, {"w": jnp.ones(3)})
-    kept = jg.grad_accumulator_add(new, {"w": jnp.ones(3)})  # donate=False leaves `new` alone
+    kept = jg.GradSum.add(new, {"w": jnp.ones(3)})  # donate=False leaves `new` alone
     assert not new.total["w"].is_deleted() and int(kept.count) == 2
 
 
 def test_donate_refuses_a_grad_that_is_the_state():
-    state = jg.grad_accumulator({"w": jnp.zeros(3)})
+    state = jg.GradSum.zeros_like({"w": jnp.zeros(3)})
     with pytest.raises(
         ValueError,
         match=r"`state` cannot be donated: its array at .total\['w'\] is also `grad` at \['w'\]",
     ):
-        jg.grad_accumulator_add(state, state.total, donate=True)
-    jg.grad_accumulator_add(state, {"w": jnp.ones(3)}, donate=True)
+        jg.GradSum.add(state, state.total, donate=True)
+    jg.GradSum.add(state, {"w": jnp.ones(3)}, donate=True)
     with pytest.raises(ValueError, match="was already deleted"):
-        jg.grad_accumulator_add(state, {"w": jnp.ones(3)}, donate=True)
+        jg.GradSum.add(state, {"w": jnp.ones(3)}, donate=True)
 
 
 def test_state_is_a_scan_carry_in_a_donating_jitted_step():
@@ -121,18 +123,16 @@ def test_state_is_a_scan_carry_in_a_donating_jitted_step():
         return jax.lax.fori_loop(
             0,
             4,
-            lambda i, s: jg.grad_accumulator_add(s, jax.tree.map(lambda g: g[i], grads)),
+            lambda i, s: jg.GradSum.add(s, jax.tree.map(lambda g: g[i], grads)),
             state,
         )
 
     step = jax.jit(accumulate, donate_argnums=0)
     grads = {"w": jnp.arange(8.0, dtype=jnp.float16).reshape(4, 2)}
-    state = step(jg.grad_accumulator({"w": jnp.zeros(2, jnp.float16)}), grads)
+    state = step(jg.GradSum.zeros_like({"w": jnp.zeros(2, jnp.float16)}), grads)
     state = step(state, grads)
     assert int(state.count) == 8
-    chex.assert_trees_all_equal(
-        jg.grad_accumulator_mean(state), {"w": jnp.array([3.0, 4.0], jnp.float16)}
-    )
+    chex.assert_trees_all_equal(jg.GradSum.mean(state), {"w": jnp.array([3.0, 4.0], jnp.float16)})
 
 
 # -- micro-batches ---------------------------------------------------------------------
@@ -160,7 +160,7 @@ def _mlp(dtype=jnp.float32):
 def test_microbatches_equal_the_full_batch_gradient(maybe_jit):
     params, data = _mlp()
     batches = jax.tree.map(lambda a: a.reshape(4, 8, *a.shape[1:]), data)
-    out = maybe_jit(lambda p, b: jg.grad_accumulate_microbatches(jax.grad(_mlp_loss), p, b))(
+    out = maybe_jit(lambda p, b: jg.grad_microbatch_mean(jax.grad(_mlp_loss), p, b))(
         params, batches
     )
     full = jax.jit(jax.grad(_mlp_loss))(params, data)
@@ -175,7 +175,7 @@ def test_microbatches_with_aux_and_bfloat16_params():
     def grad_fn(p, batch):
         return jax.grad(lambda p: (_mlp_loss(p, batch), batch["x"].shape[0]), has_aux=True)(p)
 
-    out, sizes = jax.jit(lambda p, b: jg.grad_accumulate_microbatches(grad_fn, p, b, has_aux=True))(
+    out, sizes = jax.jit(lambda p, b: jg.grad_microbatch_mean(grad_fn, p, b, has_aux=True))(
         params, batches
     )
     chex.assert_trees_all_equal_shapes_and_dtypes(out, params)
@@ -191,7 +191,7 @@ def test_microbatches_of_a_gradient_pytree_and_a_single_micro_batch():
     params = jg.Gradient([jnp.array([1.0, 2.0])], [jnp.array(3.0)])
     batches = jnp.ones((1, 2))
     grad_fn = jax.grad(lambda p, x: jnp.sum(p.layers[0] * x) * p.weights[0])
-    out = jg.grad_accumulate_microbatches(grad_fn, params, batches)
+    out = jg.grad_microbatch_mean(grad_fn, params, batches)
     chex.assert_trees_all_close(out, jg.Gradient([jnp.array([3.0, 3.0])], [jnp.array(3.0)]))
 
 
@@ -199,28 +199,28 @@ def test_microbatch_errors():
     params = {"w": jnp.ones(2)}
     g = lambda p, b: p  # noqa: E731
     with pytest.raises(TypeError, match="`grad_fn` must be callable"):
-        jg.grad_accumulate_microbatches("grad", params, jnp.ones((2, 2)))
+        jg.grad_microbatch_mean("grad", params, jnp.ones((2, 2)))
     with pytest.raises(ValueError, match="`batches` must have at least one leaf"):
-        jg.grad_accumulate_microbatches(g, params, {})
+        jg.grad_microbatch_mean(g, params, {})
     with pytest.raises(ValueError, match=r"leading micro-batch axis; at \['s'\] it has a scalar"):
-        jg.grad_accumulate_microbatches(g, params, {"x": jnp.ones((2, 1)), "s": jnp.ones(())})
+        jg.grad_microbatch_mean(g, params, {"x": jnp.ones((2, 1)), "s": jnp.ones(())})
     with pytest.raises(ValueError, match=r"\['x'\] has 2 micro-batches, \['y'\] has 3"):
-        jg.grad_accumulate_microbatches(g, params, {"x": jnp.ones((2, 1)), "y": jnp.ones((3, 1))})
+        jg.grad_microbatch_mean(g, params, {"x": jnp.ones((2, 1)), "y": jnp.ones((3, 1))})
     with pytest.raises(ValueError, match="at least one micro-batch; its leading axis is 0"):
-        jg.grad_accumulate_microbatches(g, params, jnp.ones((0, 4)))
+        jg.grad_microbatch_mean(g, params, jnp.ones((0, 4)))
     with pytest.raises(
         ValueError,
         match=r"`params` and `grad_fn\(params, batch\)` must have the same structure; they first "
         r"differ at the root: `params` has a dict with keys \['w'\], `grad_fn\(params, batch\)` "
         r"has a dict with keys \['v'\]\.",
     ):
-        jg.grad_accumulate_microbatches(lambda p, b: {"v": p["w"]}, params, jnp.ones((2, 1)))
+        jg.grad_microbatch_mean(lambda p, b: {"v": p["w"]}, params, jnp.ones((2, 1)))
     with pytest.raises(
         ValueError,
         match=r"`params` and `grad_fn\(params, batch\)` must have leaves of the same shapes; at "
         r"\['w'\] `params` has f32\[2\], `grad_fn\(params, batch\)` has f32\[\]",
     ):
-        jg.grad_accumulate_microbatches(lambda p, b: {"w": p["w"].sum()}, params, jnp.ones((2, 1)))
+        jg.grad_microbatch_mean(lambda p, b: {"w": p["w"].sum()}, params, jnp.ones((2, 1)))
 
 
 def test_microbatch_gradient_structure_errors_name_the_first_differing_key_path():
@@ -234,11 +234,11 @@ def test_microbatch_gradient_structure_errors_name_the_first_differing_key_path(
         match=r"they first differ at \['enc'\]\[0\]: `params` has a dict with keys \['b', 'w'\], "
         r"`grad_fn\(params, batch\)` has a dict with keys \['scale', 'w'\]\.",
     ):
-        jg.grad_accumulate_microbatches(grad_fn, params, jnp.ones((2, 1)))
+        jg.grad_microbatch_mean(grad_fn, params, jnp.ones((2, 1)))
     with pytest.raises(
         ValueError, match=r"`params` and `grad_fn\(params, batch\)\[0\]` must have the same"
     ):
-        jg.grad_accumulate_microbatches(
+        jg.grad_microbatch_mean(
             lambda p, b: (grad_fn(p, b), b), params, jnp.ones((2, 1)), has_aux=True
         )
 
@@ -262,17 +262,17 @@ def test_has_aux_needs_a_pair(out):
         match=r"`grad_fn` must return a pair `\(grad, aux\)` when `has_aux=True`, as "
         r"`jax.grad\(loss, has_aux=True\)` does; it returned ",
     ):
-        jg.grad_accumulate_microbatches(lambda p, b: out, params, jnp.ones((2, 1)), has_aux=True)
+        jg.grad_microbatch_mean(lambda p, b: out, params, jnp.ones((2, 1)), has_aux=True)
 
 
 def test_has_aux_pairs_and_what_they_return():
     params = {"w": jnp.ones(2)}
     with pytest.raises(TypeError, match=r"it returned a dict with keys \['aux', 'grad'\]\."):
-        jg.grad_accumulate_microbatches(
+        jg.grad_microbatch_mean(
             lambda p, b: {"grad": p, "aux": b}, params, jnp.ones((2, 1)), has_aux=True
         )
     # a list pair is a pair too
-    out, aux = jg.grad_accumulate_microbatches(
+    out, aux = jg.grad_microbatch_mean(
         lambda p, b: [p, b.sum()], params, jnp.ones((2, 3)), has_aux=True
     )
     chex.assert_trees_all_equal(out, params)
@@ -281,7 +281,7 @@ def test_has_aux_pairs_and_what_they_return():
     with pytest.raises(
         ValueError, match=r"a pair whose first entry has the structure of `params`; .*has_aux=True"
     ):
-        jg.grad_accumulate_microbatches(lambda p, b: (p, b), params, jnp.ones((2, 1)))
+        jg.grad_microbatch_mean(lambda p, b: (p, b), params, jnp.ones((2, 1)))
 
 
 def test_grad_fn_returning_none_is_a_clear_error():
@@ -291,9 +291,9 @@ def test_grad_fn_returning_none_is_a_clear_error():
         match=r"`grad_fn` must return the gradient, with the structure of `params`; "
         r"`grad_fn\(params, batch\)` is None\.",
     ):
-        jg.grad_accumulate_microbatches(lambda p, b: None, {"w": jnp.ones(2)}, jnp.ones((2, 1)))
+        jg.grad_microbatch_mean(lambda p, b: None, {"w": jnp.ones(2)}, jnp.ones((2, 1)))
     with pytest.raises(TypeError, match=r"`grad_fn\(params, batch\)\[0\]` is None"):
-        jg.grad_accumulate_microbatches(
+        jg.grad_microbatch_mean(
             lambda p, b: (None, b), {"w": jnp.ones(2)}, jnp.ones((2, 1)), has_aux=True
         )
 
@@ -302,34 +302,34 @@ def test_grad_fn_returning_none_is_a_clear_error():
 
 
 def test_accumulator_errors():
-    state = jg.grad_accumulator({"w": jnp.ones(2)})
-    with pytest.raises(TypeError, match="`state` must be a `GradAccumulator`"):
-        jg.grad_accumulator_add({"w": jnp.ones(2)}, {"w": jnp.ones(2)})
-    with pytest.raises(TypeError, match="`state` must be a `GradAccumulator`"):
-        jg.grad_accumulator_mean({"w": jnp.ones(2)})
+    state = jg.GradSum.zeros_like({"w": jnp.ones(2)})
+    with pytest.raises(TypeError, match="`state` must be a `GradSum`"):
+        jg.GradSum.add({"w": jnp.ones(2)}, {"w": jnp.ones(2)})
+    with pytest.raises(TypeError, match="`state` must be a `GradSum`"):
+        jg.GradSum.mean({"w": jnp.ones(2)})
     with pytest.raises(
         ValueError,
         match=r"they first differ at the root: `state.total` has a dict with keys \['w'\], `grad` has a dict with keys \['v'\]",
     ):
-        jg.grad_accumulator_add(state, {"v": jnp.ones(2)})
+        jg.GradSum.add(state, {"v": jnp.ones(2)})
     with pytest.raises(
         ValueError, match=r"at \['w'\] `state.total` has f32\[2\], `grad` has f32\[3\]"
     ):
-        jg.grad_accumulator_add(state, {"w": jnp.ones(3)})
+        jg.GradSum.add(state, {"w": jnp.ones(3)})
     with pytest.raises(
         TypeError,
         match=r"`grad` must have floating-point or complex leaves; at \['w'\] it has i32\[2\]",
     ):
-        jg.grad_accumulator_add(state, {"w": jnp.ones(2, jnp.int32)})
+        jg.GradSum.add(state, {"w": jnp.ones(2, jnp.int32)})
     with pytest.raises(
         ValueError, match="`dtype` must be a floating-point dtype to accumulate in; got int32"
     ):
-        jg.grad_accumulator({"w": jnp.ones(2)}, dtype=jnp.int32)
+        jg.GradSum.zeros_like({"w": jnp.ones(2)}, dtype=jnp.int32)
     with pytest.raises(
         TypeError,
         match=r"`like` must have floating-point or complex leaves; at \['n'\] it has i32\[2\]\.",
     ):
-        jg.grad_accumulator({"n": jnp.ones(2, jnp.int32)})
+        jg.GradSum.zeros_like({"n": jnp.ones(2, jnp.int32)})
 
 
 # Leaves that are not floating-point arrays, each with what the house error says of it.
@@ -378,15 +378,13 @@ def _returns_none(*args):
 def test_non_float_leaves_get_the_house_error_naming_the_key_path(make, message):
     good = {"w": jnp.ones(2)}
     with pytest.raises(TypeError, match="`like` " + message):
-        jg.grad_accumulator(good | {"bad": make()})
-    state = jg.grad_accumulator(good | {"bad": jnp.ones(2)})
+        jg.GradSum.zeros_like(good | {"bad": make()})
+    state = jg.GradSum.zeros_like(good | {"bad": jnp.ones(2)})
     if "ShapeDtypeStruct" not in message:  # a shape alone is no gradient either way
         with pytest.raises(TypeError, match="`grad` " + message):
-            jg.grad_accumulator_add(state, good | {"bad": make()})
+            jg.GradSum.add(state, good | {"bad": make()})
     with pytest.raises(TypeError, match="`params` " + message):
-        jg.grad_accumulate_microbatches(
-            jax.grad(_sum_loss), good | {"bad": make()}, jnp.ones((2, 1))
-        )
+        jg.grad_microbatch_mean(jax.grad(_sum_loss), good | {"bad": make()}, jnp.ones((2, 1)))
 
 
 def _sum_loss(params, batch):
@@ -406,7 +404,7 @@ def test_microbatch_gradients_with_non_float_leaves_name_the_key_path(bad):
         match=r"`grad_fn\(params, batch\)` must have floating-point or complex leaves; at "
         rf"\['n'\] it has {name}\[3\]\.",
     ):
-        jg.grad_accumulate_microbatches(grad_fn, params, jnp.ones((2, 1)))
+        jg.grad_microbatch_mean(grad_fn, params, jnp.ones((2, 1)))
 
 
 # -- laws on random trees ------------------------------------------------------------------
@@ -423,10 +421,10 @@ def test_mean_of_scaled_copies_on_random_trees(tree, coefficients, jit):
     maybe = jax.jit if jit else (lambda f: f)
 
     def run(tree, grads):
-        state = jg.grad_accumulator(tree)
+        state = jg.GradSum.zeros_like(tree)
         for g in grads:
-            state = jg.grad_accumulator_add(state, g)
-        return state, jg.grad_accumulator_mean(state)
+            state = jg.GradSum.add(state, g)
+        return state, jg.GradSum.mean(state)
 
     state, mean = maybe(run)(tree, grads)
     assert int(state.count) == len(coefficients)
@@ -448,12 +446,12 @@ def test_a_module_stands_for_its_param_state(dtype):
         nnx.Dropout(0.5, rngs=nnx.Rngs(1)),  # a uint32 RNG count and a PRNG key: no gradient
     )
     params = nnx.state(model, nnx.Param)
-    state = jg.grad_accumulator(model)
+    state = jg.GradSum.zeros_like(model)
     assert jax.tree.structure(state.total) == jax.tree.structure(params)
     assert state.dtypes == (jnp.dtype(dtype),) * 2
-    state = jg.grad_accumulator_add(state, model)  # a module as the gradient: its Params
-    state = jg.grad_accumulator_add(state, params)
-    mean = jg.grad_accumulator_mean(state)
+    state = jg.GradSum.add(state, model)  # a module as the gradient: its Params
+    state = jg.GradSum.add(state, params)
+    mean = jg.GradSum.mean(state)
     assert type(mean) is type(params)
     chex.assert_trees_all_equal_shapes_and_dtypes(mean, params)
     chex.assert_trees_all_equal(mean, params)

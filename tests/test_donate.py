@@ -137,23 +137,23 @@ def test_donate_inside_user_jit_is_plain():
 
 def test_accumulator_donation_reuses_the_sum_buffers(dtype):
     like = make_tree("nested", dtype)
-    state = jg.grad_accumulator(like)
+    state = jg.GradSum.zeros_like(like)
     pointers = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state.total)]
-    out = jg.grad_accumulator_add(state, make_tree("nested", dtype, seed=1), donate=True)
+    out = jg.GradSum.add(state, make_tree("nested", dtype, seed=1), donate=True)
     assert all(_deleted(state))
     assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(out.total)] == pointers
-    chex.assert_trees_all_equal_shapes_and_dtypes(jg.grad_accumulator_mean(out), like)
+    chex.assert_trees_all_equal_shapes_and_dtypes(jg.GradSum.mean(out), like)
 
 
 def test_accumulator_donation_with_a_module_as_the_gradient():
     from flax import nnx
 
     model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Dropout(0.5, rngs=nnx.Rngs(1)))
-    state = jg.grad_accumulator(model)
-    out = jg.grad_accumulator_add(state, model, donate=True)
+    state = jg.GradSum.zeros_like(model)
+    out = jg.GradSum.add(state, model, donate=True)
     assert all(_deleted(state))
     assert not any(_deleted(nnx.state(model)))  # the module is only read
-    chex.assert_trees_all_equal(jg.grad_accumulator_mean(out), nnx.state(model, nnx.Param))
+    chex.assert_trees_all_equal(jg.GradSum.mean(out), nnx.state(model, nnx.Param))
 
 
 def test_per_device_on_one_device_is_one_call_on_the_whole_tree():

@@ -251,14 +251,14 @@ def nnx_grad_of(model: Net, batch: tuple[jax.Array, ...]) -> Any:
 @nnx.jit
 def nnx_unrolled(model: Net, batches: tuple[jax.Array, ...]) -> Any:
     """The reference: one `nnx.grad` per micro-batch on the module, summed by the accumulator."""
-    state = jg.grad_accumulator(model)
+    state = jg.GradSum.zeros_like(model)
     for i in range(batches[0].shape[0]):
-        state = jg.grad_accumulator_add(state, nnx_grad_of(model, [x[i] for x in batches]))
-    return jg.grad_accumulator_mean(state)
+        state = jg.GradSum.add(state, nnx_grad_of(model, [x[i] for x in batches]))
+    return jg.GradSum.mean(state)
 
 
 def nnx_scanned(model: Net, batches: tuple[jax.Array, ...]) -> Any:
-    return jg.grad_accumulate_microbatches(nnx_grad_of, model, batches)
+    return jg.grad_microbatch_mean(nnx_grad_of, model, batches)
 
 
 @pytest.mark.parametrize(
@@ -303,7 +303,7 @@ def test_nnx_microbatches_with_aux_return_what_the_unrolled_loop_sees():
     def grad_fn(model, batch):
         return nnx.grad(lambda m: (nnx_loss(m, *batch),) * 2, has_aux=True)(model)
 
-    step = nnx.jit(lambda m, b: jg.grad_accumulate_microbatches(grad_fn, m, b, has_aux=True))
+    step = nnx.jit(lambda m, b: jg.grad_microbatch_mean(grad_fn, m, b, has_aux=True))
     got, losses = step(model, batches)
     assert losses.shape == (2,) and losses.dtype == jnp.float32
     want = nnx_unrolled(nnx.clone(reference), batches)
@@ -337,9 +337,9 @@ def test_nnx_microbatches_refuse_a_grad_fn_that_adds_variables():
         r"is carried from one micro-batch to the next\. At the root the state had a State with "
         r"keys \[\] and has a State with keys \['calls'\] after `grad_fn`\.",
     ):
-        jg.grad_accumulate_microbatches(grad_fn, model, jnp.ones((2, 3, 2)))
+        jg.grad_microbatch_mean(grad_fn, model, jnp.ones((2, 3, 2)))
     model(jnp.ones((3, 2)))  # with the variable in place from the start, it is carried
-    jg.grad_accumulate_microbatches(grad_fn, model, jnp.ones((2, 3, 2)))
+    jg.grad_microbatch_mean(grad_fn, model, jnp.ones((2, 3, 2)))
     assert int(model.calls[...]) == 3
 
 
@@ -358,7 +358,7 @@ def test_nnx_microbatches_name_the_key_path_of_a_wrong_gradient():
         r"differ at \['norm'\]: `params` has a dict with keys \['bias', 'scale'\], "
         r"`grad_fn\(params, batch\)` has a dict with keys \['bias', 'mean', 'scale', 'var'\]\.",
     ):
-        jg.grad_accumulate_microbatches(wrong, model, batches)
+        jg.grad_microbatch_mean(wrong, model, batches)
 
 
 # Skipping a bad step: keep the whole model state, not only the parameters ----------------

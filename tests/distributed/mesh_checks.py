@@ -286,7 +286,7 @@ def check_donated_maps_keep_shardings() -> None:
 
 @check
 def check_accumulator_keeps_each_leaf_sharding() -> None:
-    """`grad_accumulator` sums where the parameters are; add and mean keep it, eager and jit."""
+    """`GradSum.zeros_like` sums where the parameters are; add and mean keep it, eager and jit."""
     grads = [make_grad(seed) for seed in (1, 2, 3)]
     expected = jax.tree.map(
         lambda *xs: jnp.mean(jnp.stack([x.astype(jnp.float32) for x in xs]), 0).astype(xs[0].dtype),
@@ -294,25 +294,25 @@ def check_accumulator_keeps_each_leaf_sharding() -> None:
     )
     for label, shardings, params in layouts():
         sharded = [jax.device_put(g, shardings) for g in grads]
-        state = jg.grad_accumulator(params)
-        assert_same_shardings(state.total, shardings, f"grad_accumulator on {label}")
+        state = jg.GradSum.zeros_like(params)
+        assert_same_shardings(state.total, shardings, f"GradSum.zeros_like on {label}")
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.total)), label
         devices = params.layers[0]["bias"].sharding.device_set
         assert state.count.sharding.device_set == devices, (label, state.count.sharding)
         for i, (donate, g) in enumerate(zip((False, True, True), sharded, strict=True)):
             before = state
-            state = jg.grad_accumulator_add(state, g, donate=donate)
+            state = jg.GradSum.add(state, g, donate=donate)
             assert all(x.is_deleted() for x in jax.tree.leaves(before)) == donate, (label, i)
-            assert_same_shardings(state.total, shardings, f"grad_accumulator_add #{i} on {label}")
-        mean = jg.grad_accumulator_mean(state)
-        assert_same_shardings(mean, shardings, f"grad_accumulator_mean on {label}")
+            assert_same_shardings(state.total, shardings, f"GradSum.add #{i} on {label}")
+        mean = jg.GradSum.mean(state)
+        assert_same_shardings(mean, shardings, f"GradSum.mean on {label}")
         assert_trees_close(mean, expected, f"mean on {label}", rtol=1e-2, atol=1e-2)
 
         def inside(params, *gs):
-            state = jg.grad_accumulator(params)
+            state = jg.GradSum.zeros_like(params)
             for g in gs:
-                state = jg.grad_accumulator_add(state, g)
-            return jg.grad_accumulator_mean(state)
+                state = jg.GradSum.add(state, g)
+            return jg.GradSum.mean(state)
 
         out, ops = jit_run(inside, params, *sharded)
         assert sum(ops.values()) == 0, (label, ops)  # no data moves between devices
@@ -331,11 +331,11 @@ def check_microbatches_of_sharded_params_keep_their_sharding() -> None:
         w = g.weights[0]["W"].astype(jnp.float32)
         return jnp.mean(jnp.tanh(x @ w) ** 2) + jnp.sum(g.layers[0]["bias"] ** 2)
 
-    single = jg.grad_accumulate_microbatches(jax.grad(loss), make_grad(), x)
+    single = jg.grad_microbatch_mean(jax.grad(loss), make_grad(), x)
     for label, shardings, params in layouts():
         for mode, run in (
-            ("eager", jg.grad_accumulate_microbatches),
-            ("jit", jax.jit(jg.grad_accumulate_microbatches, static_argnums=0)),
+            ("eager", jg.grad_microbatch_mean),
+            ("jit", jax.jit(jg.grad_microbatch_mean, static_argnums=0)),
         ):
             if mode == "jit" and label.endswith("auto"):
                 continue  # XLA places the result as it likes there
@@ -370,25 +370,25 @@ def check_accumulator_with_leaves_on_different_devices() -> None:
     params = on_different_devices()
     where_params = device_ids(params)
     assert where_params == {"a": [0], "b": [1], "c": [2, 3, 4, 5]}, where_params
-    state = jg.grad_accumulator(params)
+    state = jg.GradSum.zeros_like(params)
     assert device_ids(state.total) == where_params, device_ids(state.total)
     grads = [on_different_devices(seed) for seed in (1, 2)]
     # a gradient on other devices than its sums is moved to them
     grads.append(jax.device_put(as_dict(make_grad(3)), jax.devices()[7]))
     for i, (donate, g) in enumerate(zip((True, False, True), grads, strict=True)):
         before = state
-        state = jg.grad_accumulator_add(state, g, donate=donate)
+        state = jg.GradSum.add(state, g, donate=donate)
         assert all(x.is_deleted() for x in jax.tree.leaves(before)) == donate, i
         assert device_ids(state.total) == where_params, (i, device_ids(state.total))
         assert not any(x.is_deleted() for x in jax.tree.leaves(g)), i
     assert int(state.count) == 3
-    mean = jg.grad_accumulator_mean(state)
+    mean = jg.GradSum.mean(state)
     assert device_ids(mean) == where_params, device_ids(mean)
     # all sums on device 1 and the gradient committed to device 0: moved to the sums
-    one = jg.grad_accumulator(jax.device_put({"w": jnp.zeros(3)}, jax.devices()[1]))
-    one = jg.grad_accumulator_add(one, jax.device_put({"w": jnp.ones(3)}, jax.devices()[0]))
+    one = jg.GradSum.zeros_like(jax.device_put({"w": jnp.zeros(3)}, jax.devices()[1]))
+    one = jg.GradSum.add(one, jax.device_put({"w": jnp.ones(3)}, jax.devices()[0]))
     assert device_ids(one.total) == {"w": [1]}, device_ids(one.total)
-    np.testing.assert_array_equal(jg.grad_accumulator_mean(one)["w"], np.ones(3))
+    np.testing.assert_array_equal(jg.GradSum.mean(one)["w"], np.ones(3))
     expected = jax.tree.map(
         lambda *xs: np.mean([np.asarray(x, np.float32) for x in xs], 0), *jax.device_get(grads)
     )
