@@ -50,13 +50,12 @@ from ._typing import Array, ArrayLike, DTypeLike, PyTree
 
 def _flat_dict(arrays: dict[str, Array], names: tuple[str, ...], prefix: str) -> dict[str, Any]:
     """`{<prefix><field>[/<group>]: value}` read from the device in one transfer."""
-    try:
-        host = jax.device_get(list(arrays.values()))
-    except jax.errors.TracerArrayConversionError:
+    if any(isinstance(x, Tracer) for x in jax.tree.leaves(list(arrays.values()))):
         raise TypeError(
             "`as_dict` reads the estimates on the host; call it on the values returned from "
             "`jax.jit`, not inside the traced function."
-        ) from None
+        )
+    host = jax.device_get(list(arrays.values()))
     out: dict[str, Any] = {}
     for field, values in zip(arrays, host, strict=True):
         values = np.asarray(values)
@@ -433,6 +432,9 @@ def grad_microbatch_noise(
     segments = _segments(groups, len(leaves_of))
     names = ("", *(name for name, _ in groups))
     pack = may_pack(params, axis_name)
+    sq_init = jnp.zeros(len(names), acc)
+    if axis_name is not None or any(_vma(x) for x in jax.tree.leaves((params, batches))):
+        init, sq_init = _varying_like_grads(grad_fn, params, batches, has_aux, init, sq_init)
 
     def body(carry: tuple[GradAccumulator, Array], batch: PyTree) -> tuple[Any, Any]:
         state, sq = carry
@@ -444,7 +446,7 @@ def grad_microbatch_noise(
         sq = sq + squared_norms(leaves, segments, acc, pack)
         return (grad_accumulator_add(state, grad), sq), aux
 
-    (state, sq), aux = jax.lax.scan(body, (init, jnp.zeros(len(names), acc)), batches)
+    (state, sq), aux = jax.lax.scan(body, (init, sq_init), batches)
     total = state.total
     if axis_name is not None:
         total, sq = jax.lax.psum((total, sq), axis_name)
@@ -461,6 +463,50 @@ def grad_microbatch_noise(
         ],
     )
     return ((mean, aux) if has_aux else mean), noise
+
+
+def _vma(x: Any) -> frozenset[str]:
+    """The mesh axes along which `x` varies inside `shard_map` (empty elsewhere)."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None or not hasattr(x, "dtype"):
+        return frozenset()
+    aval = typeof(x)
+    vma = getattr(aval, "vma", None)  # JAX 0.7 to 0.9
+    if vma is None:  # JAX 0.10
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+    return frozenset(vma or ())
+
+
+def _varying_like_grads(
+    grad_fn: Callable[[PyTree, PyTree], Any],
+    params: PyTree,
+    batches: PyTree,
+    has_aux: bool,
+    init: GradAccumulator,
+    sq: Array,
+) -> tuple[GradAccumulator, Array]:
+    """The scan's initial carry, varying along the mesh axes that the gradients vary along.
+
+    Inside `shard_map` (`check_vma=True`) a carry must keep its type: zeros are the same
+    on every device, while per-replica gradients vary, so the zeros are cast to the
+    gradients' variance (read from an abstract evaluation of `grad_fn`; nothing runs).
+    """
+
+    def first(params: PyTree, batches: PyTree) -> Any:
+        out = grad_fn(params, jax.tree.map(lambda x: x[0], batches))
+        return out[0] if has_aux else out
+
+    shapes = jax.eval_shape(first, params, batches)
+    check_same_structure("params", params, "grad_fn(params, batch)", shapes)
+    axes = [_vma(x) for x in jax.tree.leaves(shapes)]
+
+    def cast(x: Array, vma: frozenset[str]) -> Array:
+        return jax.lax.pcast(x, tuple(sorted(vma)), to="varying") if vma else x
+
+    leaves, treedef = jax.tree.flatten(init.total)
+    total = jax.tree.unflatten(treedef, [cast(x, v) for x, v in zip(leaves, axes, strict=True)])
+    state = GradAccumulator(total=total, count=init.count, dtypes=init.dtypes)
+    return state, cast(sq, frozenset().union(*axes))
 
 
 def grad_pmean_noise(
