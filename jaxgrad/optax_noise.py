@@ -4,7 +4,7 @@
 install it when it is missing.
 """
 
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from ._noise import NoiseScale, NoiseScaleState, check_decay, noise_scale_init, noise_scale_update
 from ._stats import By
@@ -18,7 +18,29 @@ except ImportError as error:  # pragma: no cover - needs an environment without 
         '`pip install optax` (or, from a jaxgrad checkout, `pip install ".[optax]"`).'
     ) from error
 
-__all__ = ["track_noise_scale"]
+__all__ = ["TrackNoiseScaleState", "track_noise_scale"]
+
+
+class TrackNoiseScaleState(NamedTuple):
+    """The state of `track_noise_scale`: the smoothed noise scale, under an optax-findable name.
+
+    A NamedTuple, as optax states are, so that
+    `optax.tree_utils.tree_get(opt_state, "noise_scale")` finds it wherever the
+    transformation sits in a chain (optax's tree utilities search NamedTuple fields
+    and dict keys).
+
+    Attributes:
+        noise_scale: a `jaxgrad.NoiseScaleState`: the moving averages of `|G|^2` and
+            `tr(Sigma)`, and `b_simple`.
+
+    Example:
+        >>> from jaxgrad.optax_noise import track_noise_scale
+        >>> state = track_noise_scale().init({"w": jnp.zeros(2)})
+        >>> state.noise_scale.b_simple
+        Array([nan], dtype=float32)
+    """
+
+    noise_scale: NoiseScaleState
 
 
 def track_noise_scale(
@@ -26,16 +48,17 @@ def track_noise_scale(
 ) -> optax.GradientTransformationExtraArgs:
     """An identity transformation whose state is the smoothed gradient noise scale.
 
-    Its state is a `jaxgrad.NoiseScaleState`, advanced at every update by
+    Its state holds a `jaxgrad.NoiseScaleState`, advanced at every update by
     `jaxgrad.noise_scale_update` with the step's estimates, which the caller passes as
     the extra keyword argument `noise_scale` (what `jaxgrad.grad_microbatch_noise` or
     `jaxgrad.grad_pmean_noise` returned beside the gradient). The updates pass through
     unchanged, so it can sit anywhere in an `optax.chain`; `optax.chain` hands extra
     arguments to the transformations that take them, and `nnx.Optimizer.update(model,
     grads, noise_scale=noise)` hands them to its `tx`. The smoothed `B_simple` is then
-    logged from the optimizer state: `opt_state[0].b_simple` (entry 0 is the whole
-    gradient) or `optax.tree_utils.tree_get(opt_state, "b_simple")`. See
-    docs/noise_scale.md.
+    read from the optimizer state wherever the transformation sits:
+    `optax.tree_utils.tree_get(opt_state, "noise_scale").b_simple` (entry 0 is the
+    whole gradient, the others the groups of `by`), or `.as_dict()` of that for a
+    logger. See docs/noise_scale.md.
 
     Args:
         decay: the weight of the past in the moving averages, in [0, 1).
@@ -43,7 +66,8 @@ def track_noise_scale(
             callable, or `None`); the groups are read from the parameters at `init`.
 
     Returns:
-        An `optax.GradientTransformationExtraArgs`; `update` requires `noise_scale=`.
+        An `optax.GradientTransformationExtraArgs` whose state is a
+        `TrackNoiseScaleState`; `update` requires `noise_scale=`.
 
     Raises:
         TypeError: if `decay` is not a real number; at `update`, if `noise_scale` is
@@ -61,17 +85,17 @@ def track_noise_scale(
         >>> batches = jnp.array([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [2.0, 0.0]]])
         >>> grads, noise = jaxgrad.grad_microbatch_noise(jax.grad(loss), params, batches)
         >>> updates, state = tx.update(grads, state, params, noise_scale=noise)
-        >>> state[0].as_dict()
+        >>> optax.tree_utils.tree_get(state, "noise_scale").as_dict()
         {'grad_sq': 4.0, 'trace_cov': 4.0, 'b_simple': 1.0}
     """
     decay = check_decay(decay)
 
     def init_fn(params: PyTree) -> optax.OptState:
-        return cast(optax.OptState, noise_scale_init(params, by=by))
+        return cast(optax.OptState, TrackNoiseScaleState(noise_scale_init(params, by=by)))
 
     def update_fn(
         updates: PyTree,
-        state: optax.OptState,
+        state: Any,
         params: PyTree | None = None,
         *,
         noise_scale: NoiseScale | None = None,
@@ -86,23 +110,25 @@ def track_noise_scale(
                 "`jaxgrad.grad_pmean_noise` (with `nnx.Optimizer`: "
                 "`optimizer.update(model, grads, noise_scale=noise)`)."
             )
-        if not isinstance(state, NoiseScaleState):
+        if not isinstance(state, TrackNoiseScaleState):
             raise TypeError(
-                "`state` must be the `NoiseScaleState` from this transformation's `init`; "
-                f"got {type(state).__name__}."
+                "`state` must be the `TrackNoiseScaleState` from this transformation's "
+                f"`init`; got {type(state).__name__}."
             )
+        smoothed = state.noise_scale
         if not isinstance(noise_scale, NoiseScale):
             raise TypeError(
                 "`noise_scale` must be a `jaxgrad.NoiseScale` (from "
                 "`jaxgrad.grad_microbatch_noise` or `jaxgrad.grad_pmean_noise`); got "
                 f"{type(noise_scale).__name__}."
             )
-        if state.names != noise_scale.names:
+        if smoothed.names != noise_scale.names:
             raise ValueError(
                 "`noise_scale` must have the groups of `track_noise_scale(by=...)`; the "
-                f"state has {list(state.names)}, `noise_scale` has "
+                f"state has {list(smoothed.names)}, `noise_scale` has "
                 f"{list(noise_scale.names)}. Give both the same `by`."
             )
-        return updates, cast(optax.OptState, noise_scale_update(state, noise_scale, decay=decay))
+        new = TrackNoiseScaleState(noise_scale_update(smoothed, noise_scale, decay=decay))
+        return updates, cast(optax.OptState, new)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
