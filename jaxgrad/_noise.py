@@ -393,8 +393,10 @@ def grad_microbatch_noise(
         ValueError: if `batches` has no leaves, a scalar leaf or leading axes that
             differ; if there is a single micro-batch (and no other replica), where the
             estimate is undefined; if `microbatch_size` is not given and cannot be read
-            from axis 1 of `batches`; or if `grad_fn` returns a gradient whose structure
-            or shapes differ from those of `params`.
+            from axis 1 of `batches`; if `grad_fn` returns a gradient whose structure
+            or shapes differ from those of `params`; or if, inside `shard_map` with
+            `check_vma=True`, the gradients do not vary along `axis_name` while the
+            batches do (`jax.grad` of replicated parameters, already summed).
 
     Example:
         >>> loss = lambda w, batch: jnp.mean((batch["x"] * w - batch["y"]) ** 2) / 2
@@ -434,7 +436,9 @@ def grad_microbatch_noise(
     pack = may_pack(params, axis_name)
     sq_init = jnp.zeros(len(names), acc)
     if axis_name is not None or any(_vma(x) for x in jax.tree.leaves((params, batches))):
-        init, sq_init = _varying_like_grads(grad_fn, params, batches, has_aux, init, sq_init)
+        init, sq_init = _varying_like_grads(
+            grad_fn, params, batches, has_aux, init, sq_init, axis_name
+        )
 
     def body(carry: tuple[GradAccumulator, Array], batch: PyTree) -> tuple[Any, Any]:
         state, sq = carry
@@ -484,12 +488,16 @@ def _varying_like_grads(
     has_aux: bool,
     init: GradAccumulator,
     sq: Array,
+    axis_name: AxisName,
 ) -> tuple[GradAccumulator, Array]:
     """The scan's initial carry, varying along the mesh axes that the gradients vary along.
 
     Inside `shard_map` (`check_vma=True`) a carry must keep its type: zeros are the same
     on every device, while per-replica gradients vary, so the zeros are cast to the
     gradients' variance (read from an abstract evaluation of `grad_fn`; nothing runs).
+    Gradients that do not vary along `axis_name` while the batches do were already
+    summed over the replicas by `jax.grad`: that is refused, since every replica would
+    then see the same gradient and the noise between them would be lost.
     """
 
     def first(params: PyTree, batches: PyTree) -> Any:
@@ -499,6 +507,16 @@ def _varying_like_grads(
     shapes = jax.eval_shape(first, params, batches)
     check_same_structure("params", params, "grad_fn(params, batch)", shapes)
     axes = [_vma(x) for x in jax.tree.leaves(shapes)]
+    if axis_name is not None:
+        names = {axis_name} if isinstance(axis_name, str) else set(axis_name)
+        data_varies = any(names <= _vma(x) for x in jax.tree.leaves(batches))
+        if axes and data_varies and not any(names <= vma for vma in axes):
+            raise ValueError(
+                f"`grad_fn` returns the same gradient on every replica along {axis_name!r} "
+                "although `batches` differ: inside `shard_map` with `check_vma=True`, "
+                "`jax.grad` with respect to replicated parameters already sums over the "
+                "replicas. Pass `jax.lax.pcast(params, axis_name, to='varying')` as `params`."
+            )
 
     def cast(x: Array, vma: frozenset[str]) -> Array:
         return jax.lax.pcast(x, tuple(sorted(vma)), to="varying") if vma else x

@@ -9,6 +9,7 @@ float32 rounding). The 8-device check runs this file as a script in a subprocess
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -892,6 +893,13 @@ def test_shard_map_on_8_devices_equals_one_device():
         result["all_reduces"], result["all_reduces"]["pmean"]
     ), result
     assert result["trace_cov"] > 0 and result["grad_sq"] > 0, result
+    # gradients of replicated parameters (already summed over the replicas) are refused
+    assert re.fullmatch(
+        r"`grad_fn` returns the same gradient on every replica along 'data' although `batches` differ: "
+        r"inside `shard_map` with `check_vma=True`, `jax.grad` with respect to replicated parameters "
+        r"already sums over the replicas\. Pass `jax.lax.pcast\(params, axis_name, to='varying'\)` as `params`\.",
+        result["refused"],
+    ), result["refused"]
 
 
 def _relative_gap(a, b) -> float:
@@ -982,6 +990,16 @@ def mesh_main() -> None:
 
     got = run(micro_body, "microbatch_noise")
     compare("microbatch_noise", got, want)
+
+    def summed_body(p, xb, yb):  # replicated params: jax.grad already sums over replicas
+        batches = {"x": xb.reshape(2, 4, d), "y": yb.reshape(2, 4)}
+        return jg.grad_microbatch_noise(jax.grad(loss), p, batches, axis_name="data")
+
+    try:
+        run(summed_body, "summed")
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
     result = {
         "devices": jax.device_count(),
         "gaps": gaps,
@@ -989,6 +1007,7 @@ def mesh_main() -> None:
         "psums": psums,
         "grad_sq": float(want[1].grad_sq[0]),
         "trace_cov": float(want[1].trace_cov[0]),
+        "refused": refused,
     }
     print("RESULT " + json.dumps(result))
 
