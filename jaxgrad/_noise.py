@@ -1,0 +1,720 @@
+"""The gradient noise scale B_simple (McCandlish et al., 2018) from micro-batches or replicas.
+
+Where jaxgrad sums gradients it sees two batch sizes at once: the small batch (one
+micro-batch, or one replica's part of the batch) and the big one (their mean). The
+squared norms at the two sizes give unbiased per-step estimates of `|G|^2` and
+`tr(Sigma)`; an exponential moving average of each, then their ratio, is `B_simple`.
+The formulas, the usage and the citation are on one page: docs/noise_scale.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.core import Tracer
+
+from ._accumulator import GradAccumulator, grad_accumulator, grad_accumulator_add
+from ._collectives import check_axis_name
+from ._numerics import (
+    AxisName,
+    Segments,
+    accumulation_dtype,
+    axis_size,
+    layout,
+    magnitudes,
+    may_pack,
+    per_leaf,
+    rows,
+    widen,
+)
+from ._stats import By, Groups, resolve_groups
+from ._structure import (
+    check_array_leaves,
+    check_callable,
+    check_same_shapes,
+    check_same_structure,
+    describe_leaf,
+    nnx_params,
+    where,
+)
+from ._typing import Array, ArrayLike, DTypeLike, PyTree
+
+# -- the pytrees -------------------------------------------------------------------------
+
+
+def _flat_dict(arrays: dict[str, Array], names: tuple[str, ...], prefix: str) -> dict[str, Any]:
+    """`{<prefix><field>[/<group>]: value}` read from the device in one transfer."""
+    if any(isinstance(x, Tracer) for x in jax.tree.leaves(list(arrays.values()))):
+        raise TypeError(
+            "`as_dict` reads the estimates on the host; call it on the values returned from "
+            "`jax.jit`, not inside the traced function."
+        )
+    host = jax.device_get(list(arrays.values()))
+    out: dict[str, Any] = {}
+    for field, values in zip(arrays, host, strict=True):
+        values = np.asarray(values)
+        for g, name in enumerate(names):
+            value = values[..., g]
+            key = f"{prefix}{field}/{name}" if name else f"{prefix}{field}"
+            out[key] = value.item() if value.ndim == 0 else value
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseScale:
+    """One step's unbiased estimates of `|G|^2` and `tr(Sigma)`, overall and per group.
+
+    What `grad_microbatch_noise` and `grad_pmean_noise` return beside the mean gradient,
+    and what `noise_scale_update` smooths. Entry 0 is the whole gradient (name `""`),
+    entries 1 onwards the groups chosen by `by` (the names of `grad_stats`). `Sigma` is
+    the covariance of the gradient of a single example, so `tr(Sigma) / |G|^2` is a
+    number of examples. Each estimate is a difference of two squared norms and is often
+    negative on a single step when the noise (or the signal) is small: smooth before
+    dividing (`noise_scale_update`). A pytree (the names are static): it can be
+    returned from `jax.jit`, stacked by `jax.lax.scan` and passed to an optax
+    transformation (`jaxgrad.optax_noise.track_noise_scale`).
+
+    Attributes:
+        grad_sq: the estimate of `|G|^2`, the squared norm of the true (whole-data)
+            gradient, per group; float32 (float64 under x64).
+        trace_cov: the estimate of `tr(Sigma)`, the summed variance of the per-example
+            gradient, per group.
+        names: the static group names; `names[0] == ""` is the whole gradient.
+
+    Example:
+        >>> noise = jaxgrad.NoiseScale(jnp.array([4.0]), jnp.array([32.0]), ("",))
+        >>> noise.as_dict(prefix="noise/")
+        {'noise/grad_sq': 4.0, 'noise/trace_cov': 32.0}
+    """
+
+    grad_sq: Array
+    trace_cov: Array
+    names: tuple[str, ...]
+
+    def as_dict(self, prefix: str = "") -> dict[str, Any]:
+        """A flat `{key: value}` dict for a logger, read from the device in one transfer.
+
+        Keys are `<prefix><field>` for the whole gradient and `<prefix><field>/<group>`
+        for each group; values are Python numbers, or numpy arrays for estimates stacked
+        by `jax.lax.scan`. Call it outside `jax.jit`.
+
+        Args:
+            prefix: prepended to every key, e.g. `"noise/"`.
+
+        Returns:
+            A dict from `str` to numbers or numpy arrays.
+
+        Raises:
+            TypeError: if called on traced values (inside `jax.jit`).
+
+        Example:
+            >>> noise = jaxgrad.NoiseScale(jnp.array([4.0, 1.0]), jnp.array([32.0, 8.0]), ("", "w"))
+            >>> noise.as_dict()
+            {'grad_sq': 4.0, 'grad_sq/w': 1.0, 'trace_cov': 32.0, 'trace_cov/w': 8.0}
+        """
+        arrays = {"grad_sq": self.grad_sq, "trace_cov": self.trace_cov}
+        return _flat_dict(arrays, self.names, prefix)
+
+
+jax.tree_util.register_dataclass(
+    NoiseScale, data_fields=["grad_sq", "trace_cov"], meta_fields=["names"]
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseScaleState:
+    """Smoothed noise-scale estimates: EMAs of `|G|^2` and `tr(Sigma)`, and `B_simple`.
+
+    Built by `noise_scale_init`, advanced by `noise_scale_update`. Its shapes and dtypes
+    never change, so it can be a `jax.lax.scan` carry or (through
+    `jaxgrad.optax_noise.track_noise_scale`) an optax state. The averages are
+    bias-corrected (the first step gives the first estimate itself, as optax's
+    `ema(debias=True)`), and `b_simple` is the ratio of the two averages, not an
+    average of ratios: see docs/noise_scale.md.
+
+    Attributes:
+        grad_sq: the moving average of the `|G|^2` estimates, per group.
+        trace_cov: the moving average of the `tr(Sigma)` estimates, per group.
+        b_simple: `max(trace_cov, 0) / grad_sq` per group: the simple noise scale, a
+            number of examples; NaN while `grad_sq` is not positive (before the first
+            step, or while the signal is below the noise of its own estimate).
+        count: the number of steps averaged (0-d int32); steps whose estimates were not
+            finite are skipped.
+        names: the static group names; `names[0] == ""` is the whole gradient.
+
+    Example:
+        >>> state = jaxgrad.noise_scale_init({"w": jnp.zeros(3)})
+        >>> noise = jaxgrad.NoiseScale(jnp.array([4.0]), jnp.array([32.0]), ("",))
+        >>> jaxgrad.noise_scale_update(state, noise, decay=0.9).as_dict()
+        {'grad_sq': 4.0, 'trace_cov': 32.0, 'b_simple': 8.0}
+    """
+
+    grad_sq: Array
+    trace_cov: Array
+    b_simple: Array
+    count: Array
+    names: tuple[str, ...]
+
+    def as_dict(self, prefix: str = "") -> dict[str, Any]:
+        """A flat `{key: value}` dict for a logger: `grad_sq`, `trace_cov`, `b_simple`.
+
+        Keys are `<prefix><field>` for the whole gradient and `<prefix><field>/<group>`
+        for each group, read from the device in one transfer; call it outside `jax.jit`.
+
+        Args:
+            prefix: prepended to every key, e.g. `"noise/"`.
+
+        Returns:
+            A dict from `str` to numbers (numpy arrays for stacked states).
+
+        Raises:
+            TypeError: if called on traced values (inside `jax.jit`).
+
+        Example:
+            >>> jaxgrad.noise_scale_init({"w": jnp.zeros(2)}).as_dict(prefix="noise/")
+            {'noise/grad_sq': 0.0, 'noise/trace_cov': 0.0, 'noise/b_simple': nan}
+        """
+        arrays = {"grad_sq": self.grad_sq, "trace_cov": self.trace_cov, "b_simple": self.b_simple}
+        return _flat_dict(arrays, self.names, prefix)
+
+
+jax.tree_util.register_dataclass(
+    NoiseScaleState,
+    data_fields=["grad_sq", "trace_cov", "b_simple", "count"],
+    meta_fields=["names"],
+)
+
+
+# -- argument checks ---------------------------------------------------------------------
+
+
+def check_batch_size(name: str, value: Any) -> float:
+    """`value` as a positive finite Python float (a number of examples), else raise."""
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, Tracer):
+        kind = "a traced value" if isinstance(value, Tracer) else f"bool {value!r}"
+        raise TypeError(
+            f"`{name}` must be a positive number of examples known at trace time (a Python "
+            f"or numpy number); got {kind}."
+        )
+    if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"`{name}` must be a positive number of examples; got {type(value).__name__} {value!r}."
+        )
+    number = float(value)
+    if not (number > 0 and np.isfinite(number)):
+        raise ValueError(f"`{name}` must be a positive number of examples; got {value!r}.")
+    return number
+
+
+def check_decay(decay: Any) -> Any:
+    """`decay` as a Python float in [0, 1), or a 0-d tracer as it is; else raise."""
+    if isinstance(decay, Tracer):
+        if np.ndim(decay) != 0:
+            raise ValueError(f"`decay` must be a scalar; got an array of shape {decay.shape}.")
+        return decay
+    if isinstance(decay, (np.ndarray, jax.Array)) and np.ndim(decay) == 0:
+        decay = decay.item()
+    if isinstance(decay, (bool, np.bool_)) or not isinstance(decay, numbers.Real):
+        raise TypeError(
+            f"`decay` must be a real number in [0, 1); got {type(decay).__name__} {decay!r}."
+        )
+    number = float(decay)
+    if not 0 <= number < 1:  # also catches NaN
+        raise ValueError(
+            f"`decay` must be in [0, 1) (the weight of the past in the moving average); "
+            f"got {decay!r}."
+        )
+    return number
+
+
+def _micro_batch_count(batches: PyTree) -> int:
+    pairs = jax.tree_util.tree_flatten_with_path(batches)[0]
+    if not pairs:
+        raise ValueError("`batches` must have at least one leaf with a leading micro-batch axis.")
+    first_path, first = pairs[0]
+    for path, leaf in pairs:
+        if np.ndim(leaf) == 0:
+            raise ValueError(
+                f"`batches` leaves must have a leading micro-batch axis; at {where(path)} "
+                "it has a scalar."
+            )
+        if np.shape(leaf)[0] != np.shape(first)[0]:
+            raise ValueError(
+                "`batches` leaves must share the leading micro-batch axis; "
+                f"{where(first_path)} has {np.shape(first)[0]} micro-batches, "
+                f"{where(path)} has {np.shape(leaf)[0]}."
+            )
+    return int(np.shape(first)[0])
+
+
+def _examples_per_microbatch(batches: PyTree) -> int:
+    """Axis 1 of every leaf of `batches` (they must agree): the micro-batch size."""
+    pairs = jax.tree_util.tree_flatten_with_path(batches)[0]
+    first_path, first = pairs[0]
+    for path, leaf in pairs:
+        if np.ndim(leaf) < 2:
+            raise ValueError(
+                "`microbatch_size` was not given and cannot be read from `batches`: at "
+                f"{where(path)} the leaf {describe_leaf(leaf)} has no example axis (axis 1). "
+                "Pass `microbatch_size=`, the number of examples in one micro-batch."
+            )
+        if np.shape(leaf)[1] != np.shape(first)[1]:
+            raise ValueError(
+                "`microbatch_size` was not given and `batches` leaves disagree on the "
+                f"examples per micro-batch (axis 1): {where(first_path)} has "
+                f"{np.shape(first)[1]}, {where(path)} has {np.shape(leaf)[1]}. Pass "
+                "`microbatch_size=`."
+            )
+    size = int(np.shape(first)[1])
+    if size == 0:
+        raise ValueError("`batches` micro-batches hold no examples: axis 1 of its leaves is 0.")
+    return size
+
+
+def _undefined(what: str, small: float, hint: str) -> ValueError:
+    return ValueError(
+        f"{what}: the small and the big batch coincide (B_small = B_big = {small:g} "
+        f"examples), so the gradient noise scale is undefined. {hint}"
+    )
+
+
+# -- the estimates -----------------------------------------------------------------------
+
+
+def _segments(groups: Groups, leaves: int) -> list[Segments]:
+    """The whole gradient, then the user's groups (if any)."""
+    out = [Segments.whole(leaves)]
+    if groups:
+        ids = np.full(leaves, len(groups), np.int32)
+        for g, (_, indices) in enumerate(groups):
+            ids[list(indices)] = g
+        out.append(Segments(ids, len(groups)))
+    return out
+
+
+def _square(m: Array) -> Array:
+    return m * m
+
+
+def squared_norms(
+    leaves: Sequence[Array], segments: Sequence[Segments], acc: np.dtype, pack: bool
+) -> Array:
+    """Sums of squares of the leaves per segment group, concatenated: one read of the leaves.
+
+    Entries of narrower dtypes are squared in `acc` (float32, or float64 under x64).
+    Small leaves are packed together, as in the other whole-gradient reductions.
+    """
+    count = sum(seg.groups for seg in segments)
+    if not leaves:
+        return jnp.zeros(count, acc)
+    plan = layout(leaves, pack)
+    sq = per_leaf(rows(magnitudes(leaves, acc), plan), plan, _square, jnp.sum)
+    return jnp.concatenate([seg.sum(sq) for seg in segments])
+
+
+def estimates(
+    small_sq: Array, big_sq: Array, b_small: float, b_big: float, names: tuple[str, ...]
+) -> NoiseScale:
+    """The unbiased estimates from the mean squared norm at `b_small` and the one at `b_big`.
+
+    With `E|G_B|^2 = |G|^2 + tr(Sigma) / B` at both sizes, the two linear equations give
+    `|G|^2 = (b_big |G_big|^2 - b_small |G_small|^2) / (b_big - b_small)` and
+    `tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1 / b_small - 1 / b_big)`.
+    """
+    spread = b_big - b_small
+    grad_sq = (b_big / spread) * big_sq - (b_small / spread) * small_sq
+    trace_cov = (b_small * b_big / spread) * (small_sq - big_sq)
+    return NoiseScale(grad_sq=grad_sq, trace_cov=trace_cov, names=names)
+
+
+def grad_microbatch_noise(
+    grad_fn: Callable[[PyTree, PyTree], Any],
+    params: PyTree,
+    batches: PyTree,
+    *,
+    microbatch_size: float | None = None,
+    by: By = None,
+    axis_name: AxisName = None,
+    has_aux: bool = False,
+    dtype: DTypeLike = jnp.float32,
+) -> tuple[Any, NoiseScale]:
+    """Mean gradient over micro-batches, and the step's noise-scale estimates, in one scan.
+
+    The mean is that of `grad_accumulate_microbatches` (a float32 running sum under
+    `jax.lax.scan`, returned in the dtypes of `params`); beside the sum the scan carries
+    one small float32 vector, the running sum of each micro-batch gradient's squared
+    norm (overall, and per group with `by`). After the scan, the squared norm of the
+    mean and these sums give the unbiased estimates of `|G|^2` and `tr(Sigma)` with
+    `B_small` = one micro-batch and `B_big` = all of them (see docs/noise_scale.md).
+    Smooth them over steps with `noise_scale_update`.
+
+    With `axis_name`, inside `shard_map` or `pmap` where each replica holds its own
+    micro-batches, the sum and the squared norms are added over the replicas in one
+    `psum` (16-bit leaves summed in float32): the mean is the gradient of the whole
+    global batch, and `B_big` is every micro-batch on every replica. Differentiate with
+    respect to per-replica parameters (`jax.lax.pcast(params, axis_name,
+    to="varying")` with `check_vma=True`), as for `grad_pmean`.
+
+    Args:
+        grad_fn: `(params, batch) -> grad` with the structure of `params`, or with
+            `has_aux=True`, `(params, batch) -> (grad, aux)`. Each micro-batch gradient
+            must be the mean over its examples (a mean loss), as in the paper.
+        params: the parameters, passed unchanged to every call.
+        batches: a pytree of arrays with a common leading micro-batch axis.
+        microbatch_size: the number of examples in one micro-batch (`B_small`); by
+            default axis 1 of the leaves of `batches`, which must then agree. Pass it
+            when examples are counted otherwise (tokens, or a batch without an example
+            axis).
+        by: per-group estimates as in `grad_stats` (`"leaf"`, `"group"`, a callable
+            `(path, leaf) -> str | None`), or `None` for the whole gradient only; the
+            groups are read from `params`.
+        axis_name: the mesh axis name (or tuple of names) of the data-parallel replicas
+            to average over, or `None`.
+        has_aux: whether `grad_fn` returns `(grad, aux)`; the `aux` values are stacked
+            along a new leading axis, one entry per micro-batch.
+        dtype: the least precision to sum the gradients in (see `grad_accumulator`).
+
+    Returns:
+        `(mean, noise)`: the mean gradient with the structure, shapes and dtypes of
+        `params` (with `has_aux=True`, `(mean, stacked aux)`), and a `NoiseScale`.
+
+    Raises:
+        TypeError: if `grad_fn` is not callable, `axis_name` or `microbatch_size` has
+            the wrong type, `by` is not a valid grouping, or a leaf of `params` is not
+            floating-point.
+        ValueError: if `batches` has no leaves, a scalar leaf or leading axes that
+            differ; if there is a single micro-batch (and no other replica), where the
+            estimate is undefined; if `microbatch_size` is not given and cannot be read
+            from axis 1 of `batches`; if `grad_fn` returns a gradient whose structure
+            or shapes differ from those of `params`; or if, inside `shard_map` with
+            `check_vma=True`, the gradients do not vary along `axis_name` while the
+            batches do (`jax.grad` of replicated parameters, already summed).
+
+    Example:
+        >>> loss = lambda w, batch: jnp.mean((batch["x"] * w - batch["y"]) ** 2) / 2
+        >>> x = jnp.array([[1.0, -1.0], [2.0, 0.0]])  # 2 micro-batches of 2 examples
+        >>> batches = {"x": x, "y": jnp.zeros_like(x)}
+        >>> mean, noise = jaxgrad.grad_microbatch_noise(jax.grad(loss), jnp.array(1.0), batches)
+        >>> mean
+        Array(1.5, dtype=float32)
+        >>> noise.as_dict()  # |G|^2 = (4 * 1.5**2 - 2 * 2.5) / 2, tr(Sigma) = 4 * (2.5 - 1.5**2)
+        {'grad_sq': 2.0, 'trace_cov': 1.0}
+    """
+    check_callable("grad_fn", grad_fn)
+    check_axis_name(axis_name, optional=True)
+    micro = _micro_batch_count(batches)
+    if micro == 0:
+        raise ValueError("`batches` must hold at least one micro-batch; its leading axis is 0.")
+    b_small = (
+        float(_examples_per_microbatch(batches))
+        if microbatch_size is None
+        else check_batch_size("microbatch_size", microbatch_size)
+    )
+    replicas = axis_size(axis_name)
+    if micro * replicas == 1:
+        raise _undefined(
+            "`batches` holds a single micro-batch"
+            + ("" if axis_name is None else f" on a single replica along {axis_name!r}"),
+            b_small,
+            "Split the batch into at least 2 micro-batches (or use `grad_accumulate_microbatches` "
+            "where no estimate is wanted).",
+        )
+    groups = resolve_groups(params, by)
+    init = grad_accumulator(params, dtype=dtype)
+    leaves_of = jax.tree.leaves(init.total)
+    acc = accumulation_dtype([*(x.dtype for x in leaves_of), np.dtype(dtype)])
+    segments = _segments(groups, len(leaves_of))
+    names = ("", *(name for name, _ in groups))
+    pack = may_pack(params, axis_name)
+    sq_init = jnp.zeros(len(names), acc)
+    if axis_name is not None or any(_vma(x) for x in jax.tree.leaves((params, batches))):
+        init, sq_init = _varying_like_grads(
+            grad_fn, params, batches, has_aux, init, sq_init, axis_name
+        )
+
+    def body(carry: tuple[GradAccumulator, Array], batch: PyTree) -> tuple[Any, Any]:
+        state, sq = carry
+        out = grad_fn(params, batch)
+        grad, aux = out if has_aux else (out, None)
+        check_same_structure("params", params, "grad_fn(params, batch)", grad)
+        check_same_shapes("params", params, "grad_fn(params, batch)", grad)
+        leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
+        sq = sq + squared_norms(leaves, segments, acc, pack)
+        return (grad_accumulator_add(state, grad), sq), aux
+
+    (state, sq), aux = jax.lax.scan(body, (init, sq_init), batches)
+    total = state.total
+    if axis_name is not None:
+        total, sq = jax.lax.psum((total, sq), axis_name)
+    count = micro * replicas
+    wide = jax.tree.map(lambda t: t / count, total)
+    big = squared_norms([jnp.asarray(x) for x in jax.tree.leaves(wide)], segments, acc, pack)
+    noise = estimates(sq / count, big, b_small, b_small * count, names)
+    treedef = jax.tree.structure(wide)
+    mean = jax.tree.unflatten(
+        treedef,
+        [
+            x.astype(d)
+            for x, d in zip(jax.tree.leaves(wide), init.dtypes, strict=True)  # leaf dtypes
+        ],
+    )
+    return ((mean, aux) if has_aux else mean), noise
+
+
+def _vma(x: Any) -> frozenset[str]:
+    """The mesh axes along which `x` varies inside `shard_map` (empty elsewhere)."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None or not hasattr(x, "dtype"):
+        return frozenset()
+    aval = typeof(x)
+    vma = getattr(aval, "vma", None)  # JAX 0.7 to 0.9
+    if vma is None:  # JAX 0.10
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+    return frozenset(vma or ())
+
+
+def _varying_like_grads(
+    grad_fn: Callable[[PyTree, PyTree], Any],
+    params: PyTree,
+    batches: PyTree,
+    has_aux: bool,
+    init: GradAccumulator,
+    sq: Array,
+    axis_name: AxisName,
+) -> tuple[GradAccumulator, Array]:
+    """The scan's initial carry, varying along the mesh axes that the gradients vary along.
+
+    Inside `shard_map` (`check_vma=True`) a carry must keep its type: zeros are the same
+    on every device, while per-replica gradients vary, so the zeros are cast to the
+    gradients' variance (read from an abstract evaluation of `grad_fn`; nothing runs).
+    Gradients that do not vary along `axis_name` while the batches do were already
+    summed over the replicas by `jax.grad`: that is refused, since every replica would
+    then see the same gradient and the noise between them would be lost.
+    """
+
+    def first(params: PyTree, batches: PyTree) -> Any:
+        out = grad_fn(params, jax.tree.map(lambda x: x[0], batches))
+        return out[0] if has_aux else out
+
+    shapes = jax.eval_shape(first, params, batches)
+    check_same_structure("params", params, "grad_fn(params, batch)", shapes)
+    axes = [_vma(x) for x in jax.tree.leaves(shapes)]
+    if axis_name is not None:
+        names = {axis_name} if isinstance(axis_name, str) else set(axis_name)
+        data_varies = any(names <= _vma(x) for x in jax.tree.leaves(batches))
+        if axes and data_varies and not any(names <= vma for vma in axes):
+            raise ValueError(
+                f"`grad_fn` returns the same gradient on every replica along {axis_name!r} "
+                "although `batches` differ: inside `shard_map` with `check_vma=True`, "
+                "`jax.grad` with respect to replicated parameters already sums over the "
+                "replicas. Pass `jax.lax.pcast(params, axis_name, to='varying')` as `params`."
+            )
+
+    def cast(x: Array, vma: frozenset[str]) -> Array:
+        return jax.lax.pcast(x, tuple(sorted(vma)), to="varying") if vma else x
+
+    leaves, treedef = jax.tree.flatten(init.total)
+    total = jax.tree.unflatten(treedef, [cast(x, v) for x, v in zip(leaves, axes, strict=True)])
+    state = GradAccumulator(total=total, count=init.count, dtypes=init.dtypes)
+    return state, cast(sq, frozenset().union(*axes))
+
+
+def grad_pmean_noise(
+    grad: PyTree,
+    axis_name: str | tuple[str, ...],
+    *,
+    batch_per_replica: float,
+    by: By = None,
+) -> tuple[PyTree, NoiseScale]:
+    """`grad_pmean`, and the step's noise-scale estimates from the same `psum`.
+
+    The data-parallel all-reduce of `grad_pmean` (float16 and bfloat16 leaves summed in
+    float32, the mean returned in each leaf's dtype), with each replica's squared
+    gradient norm (one float32 scalar, or one per group with `by`) added to the same
+    `psum`. The mean of the replicas' squared norms (`B_small = batch_per_replica`) and
+    the squared norm of the mean (`B_big` = every replica's examples) give the unbiased
+    estimates of `|G|^2` and `tr(Sigma)`; see docs/noise_scale.md. Smooth them over
+    steps with `noise_scale_update`.
+
+    Each replica's `grad` must be the gradient of its own part of the batch (a mean
+    over its examples): inside `shard_map` with `check_vma=True`, differentiate with
+    respect to `jax.lax.pcast(params, axis_name, to="varying")`, since `jax.grad` with
+    respect to replicated parameters already sums over the replicas (every replica then
+    holds the same gradient and the estimated noise is zero).
+
+    Args:
+        grad: this replica's gradient: a `Gradient` or any pytree of floating-point
+            arrays.
+        axis_name: the mesh axis name, or a tuple of names, to average over.
+        batch_per_replica: the number of examples behind each replica's gradient.
+        by: per-group estimates as in `grad_stats` (`"leaf"`, `"group"`, a callable), or
+            `None` for the whole gradient only.
+
+    Returns:
+        `(mean, noise)`: the mean gradient, with the structure, shapes and dtypes of
+        `grad`, and a `NoiseScale` (the same on every replica).
+
+    Raises:
+        TypeError: if `axis_name` is not a str or a non-empty tuple of str, a leaf is
+            not floating-point or complex, `batch_per_replica` is not a number, or `by`
+            is not a valid grouping.
+        ValueError: if `batch_per_replica` is not positive, or there is one replica
+            along `axis_name` (the estimate is undefined).
+
+    Example:
+        >>> per_replica = {"w": jnp.array([[1.0], [3.0]])}  # 2 replicas, 4 examples each
+        >>> mean, noise = jax.vmap(
+        ...     lambda g: jaxgrad.grad_pmean_noise(g, "i", batch_per_replica=4), axis_name="i"
+        ... )(per_replica)
+        >>> mean["w"][0], noise.grad_sq[0].tolist(), noise.trace_cov[0].tolist()
+        (Array([2.], dtype=float32), [3.0], [8.0])
+    """
+    check_axis_name(axis_name)
+    check_array_leaves("grad", grad, inexact=True)
+    b_small = check_batch_size("batch_per_replica", batch_per_replica)
+    replicas = axis_size(axis_name)
+    if replicas == 1:
+        raise _undefined(
+            f"`grad_pmean_noise` has a single replica along {axis_name!r}",
+            b_small,
+            "Use `grad_pmean` on one device, or `grad_microbatch_noise` to measure the noise "
+            "scale from micro-batches.",
+        )
+    groups = resolve_groups(grad, by)
+    leaves, treedef = jax.tree.flatten(grad)
+    leaves = [jnp.asarray(x) for x in leaves]
+    acc = accumulation_dtype(x.dtype for x in leaves)
+    segments = _segments(groups, len(leaves))
+    names = ("", *(name for name, _ in groups))
+    pack = may_pack(grad, axis_name)
+    sq = squared_norms(leaves, segments, acc, pack)
+    total, sq = jax.lax.psum(([widen(x) for x in leaves], sq), axis_name)
+    wide = [t / replicas for t in total]
+    big = squared_norms(wide, segments, acc, pack)
+    noise = estimates(sq / replicas, big, b_small, b_small * replicas, names)
+    mean = [m.astype(x.dtype) for m, x in zip(wide, leaves, strict=True)]
+    return jax.tree.unflatten(treedef, mean), noise
+
+
+# -- smoothing ---------------------------------------------------------------------------
+
+
+def noise_scale_init(params: PyTree, *, by: By = None) -> NoiseScaleState:
+    """The smoothing state before any step: zero averages, `b_simple` NaN, count 0.
+
+    The groups are read from `params` with `by`, as `grad_microbatch_noise` and
+    `grad_pmean_noise` read them from the parameters or the gradient, so the state
+    matches their estimates. The averages are kept in float32 (float64 under x64).
+
+    Args:
+        params: the parameters (or a gradient, or an `nnx.Module`): any pytree of
+            arrays or of `jax.ShapeDtypeStruct`.
+        by: `"leaf"`, `"group"`, a callable `(path, leaf) -> str | None`, or `None`,
+            as given to the estimating function.
+
+    Returns:
+        A `NoiseScaleState`.
+
+    Raises:
+        ValueError, TypeError: if `by` is not a valid grouping (as in `grad_stats`).
+
+    Example:
+        >>> state = jaxgrad.noise_scale_init({"w": jnp.zeros(3), "b": jnp.zeros(1)}, by="leaf")
+        >>> state.names, state.b_simple, state.count
+        (('', 'b', 'w'), Array([nan, nan, nan], dtype=float32), Array(0, dtype=int32))
+    """
+    params = nnx_params(params)
+    groups = resolve_groups(params, by)
+    leaves = jax.tree.leaves(params)
+    acc = accumulation_dtype(
+        np.dtype(getattr(x, "dtype", None) or jnp.result_type(x)) for x in leaves
+    )
+    size = 1 + len(groups)
+    return NoiseScaleState(
+        grad_sq=jnp.zeros(size, acc),
+        trace_cov=jnp.zeros(size, acc),
+        b_simple=jnp.full(size, jnp.nan, acc),
+        count=jnp.zeros((), jnp.int32),
+        names=("", *(name for name, _ in groups)),
+    )
+
+
+@jax.jit
+def _update(state: NoiseScaleState, noise: NoiseScale, decay: Array) -> NoiseScaleState:
+    acc = state.grad_sq.dtype
+    grad_sq, trace_cov = noise.grad_sq.astype(acc), noise.trace_cov.astype(acc)
+    finite = jnp.all(jnp.isfinite(grad_sq)) & jnp.all(jnp.isfinite(trace_cov))
+    count = state.count + finite.astype(jnp.int32)
+    decay = jnp.asarray(decay, acc)
+    # The debiased EMA in one recursion: weight (1 - d) / (1 - d**t) on the new value.
+    weight = (1 - decay) / (1 - decay ** jnp.maximum(count, 1).astype(acc))
+    weight = jnp.where(finite, weight, 0)
+    new_grad_sq = state.grad_sq + weight * (jnp.where(finite, grad_sq, 0) - state.grad_sq)
+    new_trace = state.trace_cov + weight * (jnp.where(finite, trace_cov, 0) - state.trace_cov)
+    resolved = new_grad_sq > 0
+    b_simple = jnp.where(
+        resolved, jnp.maximum(new_trace, 0) / jnp.where(resolved, new_grad_sq, 1), jnp.nan
+    )
+    return NoiseScaleState(new_grad_sq, new_trace, b_simple.astype(acc), count, state.names)
+
+
+def noise_scale_update(
+    state: NoiseScaleState, noise: NoiseScale, *, decay: ArrayLike = 0.99
+) -> NoiseScaleState:
+    """Fold one step's estimates into the moving averages and recompute `B_simple`.
+
+    Each average is an exponential moving average with weight `decay` on the past,
+    bias-corrected (the first step sets it to the first estimate), so it is an unbiased
+    average of the recent unbiased estimates; `b_simple` is `max(trace_cov, 0) /
+    grad_sq` of the averages, NaN while the average of `|G|^2` is not positive. A step
+    whose estimates are not all finite (a NaN or inf gradient) is skipped: the state is
+    returned unchanged, `count` included. Jittable; the state keeps its dtypes.
+
+    Args:
+        state: a `NoiseScaleState` from `noise_scale_init` or a previous update.
+        noise: the step's `NoiseScale`, with the same group names as `state`.
+        decay: the weight of the past, in [0, 1); the averages span about
+            `1 / (1 - decay)` steps (100 for the default 0.99). A Python number is
+            checked; a traced scalar is used as it is.
+
+    Returns:
+        The updated `NoiseScaleState`.
+
+    Raises:
+        TypeError: if `state` or `noise` has the wrong type, or `decay` is not a real
+            number.
+        ValueError: if the group names differ, or `decay` is outside [0, 1).
+
+    Example:
+        >>> state = jaxgrad.noise_scale_init({"w": jnp.zeros(3)})
+        >>> for grad_sq, trace_cov in [(4.0, 40.0), (-1.0, 20.0)]:  # a negative estimate
+        ...     noise = jaxgrad.NoiseScale(jnp.array([grad_sq]), jnp.array([trace_cov]), ("",))
+        ...     state = jaxgrad.noise_scale_update(state, noise, decay=0.5)
+        >>> state.as_dict(), int(state.count)
+        ({'grad_sq': 0.667, 'trace_cov': 26.667, 'b_simple': 40.0}, 2)
+    """
+    if not isinstance(state, NoiseScaleState):
+        raise TypeError(
+            "`state` must be a `NoiseScaleState` (from `noise_scale_init`); got "
+            f"{type(state).__name__}."
+        )
+    if not isinstance(noise, NoiseScale):
+        raise TypeError(
+            "`noise` must be a `NoiseScale` (from `grad_microbatch_noise` or "
+            f"`grad_pmean_noise`); got {type(noise).__name__}."
+        )
+    if state.names != noise.names:
+        raise ValueError(
+            "`state` and `noise` must have the same groups; `state` has "
+            f"{list(state.names)}, `noise` has {list(noise.names)}. Give "
+            "`noise_scale_init` the `by` of the estimating function."
+        )
+    return _update(state, noise, check_decay(decay))
