@@ -29,6 +29,12 @@ from ._maps import grad_apply as grad_apply
 from ._maps import grad_apply_ as grad_apply_
 from ._maps import grad_mapzip as grad_mapzip
 from ._maps import grad_mapzip_ as grad_mapzip_
+from ._noise import NoiseScale as NoiseScale
+from ._noise import NoiseScaleState as NoiseScaleState
+from ._noise import grad_microbatch_noise as grad_microbatch_noise
+from ._noise import grad_pmean_noise as grad_pmean_noise
+from ._noise import noise_scale_init as noise_scale_init
+from ._noise import noise_scale_update as noise_scale_update
 from ._reduce import grad_accumulate as grad_accumulate
 from ._reduce import grad_fold as grad_fold
 from ._reduce import grad_magnitude as grad_magnitude
@@ -50,6 +56,8 @@ __all__ = [
     "GradStats",
     "GradSum",
     "GroupStats",
+    "NoiseScale",
+    "NoiseScaleState",
     "NonfiniteReport",
     "grad_accumulate",
     "grad_all_finite",
@@ -63,16 +71,20 @@ __all__ = [
     "grad_mapzip",
     "grad_mapzip_",
     "grad_microbatch_mean",
+    "grad_microbatch_noise",
     "grad_nonfinite_report",
     "grad_norm",
     "grad_normalize",
     "grad_normalize_",
     "grad_pmean",
+    "grad_pmean_noise",
     "grad_psum",
     "grad_rms",
     "grad_stats",
     "grad_unflatten",
     "grad_where_finite",
+    "noise_scale_init",
+    "noise_scale_update",
     "null_grad",
     "path_name",
     "random_grad",

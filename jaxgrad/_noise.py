@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
-from ._accumulator import GradAccumulator, grad_accumulator, grad_accumulator_add
+from ._accumulator import GradSum
 from ._collectives import check_axis_name
 from ._numerics import (
     AxisName,
@@ -78,7 +78,7 @@ class NoiseScale:
     negative on a single step when the noise (or the signal) is small: smooth before
     dividing (`noise_scale_update`). A pytree (the names are static): it can be
     returned from `jax.jit`, stacked by `jax.lax.scan` and passed to an optax
-    transformation (`jaxgrad.optax_noise.track_noise_scale`).
+    transformation (`jaxgrad.optax.track_noise_scale`).
 
     Attributes:
         grad_sq: the estimate of `|G|^2`, the squared norm of the true (whole-data)
@@ -133,7 +133,7 @@ class NoiseScaleState:
 
     Built by `noise_scale_init`, advanced by `noise_scale_update`. Its shapes and dtypes
     never change, so it can be a `jax.lax.scan` carry or (through
-    `jaxgrad.optax_noise.track_noise_scale`) an optax state. The averages are
+    `jaxgrad.optax.track_noise_scale`) an optax state. The averages are
     bias-corrected (the first step gives the first estimate itself, as optax's
     `ema(debias=True)`), and `b_simple` is the ratio of the two averages, not an
     average of ratios: see docs/noise_scale.md.
@@ -348,7 +348,7 @@ def grad_microbatch_noise(
 ) -> tuple[Any, NoiseScale]:
     """Mean gradient over micro-batches, and the step's noise-scale estimates, in one scan.
 
-    The mean is that of `grad_accumulate_microbatches` (a float32 running sum under
+    The mean is that of `grad_microbatch_mean` (a float32 running sum under
     `jax.lax.scan`, returned in the dtypes of `params`); beside the sum the scan carries
     one small float32 vector, the running sum of each micro-batch gradient's squared
     norm (overall, and per group with `by`). After the scan, the squared norm of the
@@ -380,7 +380,7 @@ def grad_microbatch_noise(
             to average over, or `None`.
         has_aux: whether `grad_fn` returns `(grad, aux)`; the `aux` values are stacked
             along a new leading axis, one entry per micro-batch.
-        dtype: the least precision to sum the gradients in (see `grad_accumulator`).
+        dtype: the least precision to sum the gradients in (see `GradSum.zeros_like`).
 
     Returns:
         `(mean, noise)`: the mean gradient with the structure, shapes and dtypes of
@@ -424,11 +424,11 @@ def grad_microbatch_noise(
             "`batches` holds a single micro-batch"
             + ("" if axis_name is None else f" on a single replica along {axis_name!r}"),
             b_small,
-            "Split the batch into at least 2 micro-batches (or use `grad_accumulate_microbatches` "
+            "Split the batch into at least 2 micro-batches (or use `grad_microbatch_mean` "
             "where no estimate is wanted).",
         )
     groups = resolve_groups(params, by)
-    init = grad_accumulator(params, dtype=dtype)
+    init = GradSum.zeros_like(params, dtype=dtype)
     leaves_of = jax.tree.leaves(init.total)
     acc = accumulation_dtype([*(x.dtype for x in leaves_of), np.dtype(dtype)])
     segments = _segments(groups, len(leaves_of))
@@ -440,7 +440,7 @@ def grad_microbatch_noise(
             grad_fn, params, batches, has_aux, init, sq_init, axis_name
         )
 
-    def body(carry: tuple[GradAccumulator, Array], batch: PyTree) -> tuple[Any, Any]:
+    def body(carry: tuple[GradSum, Array], batch: PyTree) -> tuple[Any, Any]:
         state, sq = carry
         out = grad_fn(params, batch)
         grad, aux = out if has_aux else (out, None)
@@ -448,7 +448,7 @@ def grad_microbatch_noise(
         check_same_shapes("params", params, "grad_fn(params, batch)", grad)
         leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
         sq = sq + squared_norms(leaves, segments, acc, pack)
-        return (grad_accumulator_add(state, grad), sq), aux
+        return (state.add(grad), sq), aux
 
     (state, sq), aux = jax.lax.scan(body, (init, sq_init), batches)
     total = state.total
@@ -486,10 +486,10 @@ def _varying_like_grads(
     params: PyTree,
     batches: PyTree,
     has_aux: bool,
-    init: GradAccumulator,
+    init: GradSum,
     sq: Array,
     axis_name: AxisName,
-) -> tuple[GradAccumulator, Array]:
+) -> tuple[GradSum, Array]:
     """The scan's initial carry, varying along the mesh axes that the gradients vary along.
 
     Inside `shard_map` (`check_vma=True`) a carry must keep its type: zeros are the same
@@ -519,11 +519,12 @@ def _varying_like_grads(
             )
 
     def cast(x: Array, vma: frozenset[str]) -> Array:
-        return jax.lax.pcast(x, tuple(sorted(vma)), to="varying") if vma else x
+        missing = vma - _vma(x)  # a carry made by zeros_like may vary already
+        return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
 
     leaves, treedef = jax.tree.flatten(init.total)
     total = jax.tree.unflatten(treedef, [cast(x, v) for x, v in zip(leaves, axes, strict=True)])
-    state = GradAccumulator(total=total, count=init.count, dtypes=init.dtypes)
+    state = GradSum(total=total, count=init.count, dtypes=init.dtypes)
     return state, cast(sq, frozenset().union(*axes))
 
 

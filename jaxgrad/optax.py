@@ -1,15 +1,19 @@
 """optax bridge: gradient transformations built on jaxgrad (needs optax).
 
+`clip_with_stats` (a clip whose state holds its statistics) and `track_noise_scale` (a
+transformation whose state smooths the gradient noise scale).
+
 `import jaxgrad` never imports optax; `import jaxgrad.optax` does, and says how to
 install it when it is missing.
 """
 
-from typing import cast
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 
 from ._clip import GradStats, check_bound, grad_clip
+from ._noise import NoiseScale, NoiseScaleState, check_decay, noise_scale_init, noise_scale_update
 from ._numerics import AxisName, accumulation_dtype, count_dtype
 from ._stats import By, GroupStats, resolve_groups
 from ._typing import ArrayLike, PyTree
@@ -22,7 +26,7 @@ except ImportError as error:  # pragma: no cover - exercised in a test with opta
         '`pip install optax` (or, from a jaxgrad checkout, `pip install ".[optax]"`).'
     ) from error
 
-__all__ = ["clip_with_stats"]
+__all__ = ["TrackNoiseScaleState", "clip_with_stats", "track_noise_scale"]
 
 
 def _initial_stats(params: PyTree, by: By) -> GradStats:
@@ -110,3 +114,116 @@ def clip_with_stats(
         return clipped, cast(optax.OptState, stats)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+class TrackNoiseScaleState(NamedTuple):
+    """The state of `track_noise_scale`: the smoothed noise scale, under an optax-findable name.
+
+    A NamedTuple, as optax states are, so that
+    `optax.tree_utils.tree_get(opt_state, "noise_scale")` finds it wherever the
+    transformation sits in a chain (optax's tree utilities search NamedTuple fields
+    and dict keys).
+
+    Attributes:
+        noise_scale: a `jaxgrad.NoiseScaleState`: the moving averages of `|G|^2` and
+            `tr(Sigma)`, and `b_simple`.
+
+    Example:
+        >>> from jaxgrad.optax import track_noise_scale
+        >>> state = track_noise_scale().init({"w": jnp.zeros(2)})
+        >>> state.noise_scale.b_simple
+        Array([nan], dtype=float32)
+    """
+
+    noise_scale: NoiseScaleState
+
+
+def track_noise_scale(
+    decay: ArrayLike = 0.99, *, by: By = None
+) -> optax.GradientTransformationExtraArgs:
+    """An identity transformation whose state is the smoothed gradient noise scale.
+
+    Its state holds a `jaxgrad.NoiseScaleState`, advanced at every update by
+    `jaxgrad.noise_scale_update` with the step's estimates, which the caller passes as
+    the extra keyword argument `noise_scale` (what `jaxgrad.grad_microbatch_noise` or
+    `jaxgrad.grad_pmean_noise` returned beside the gradient). The updates pass through
+    unchanged, so it can sit anywhere in an `optax.chain`; `optax.chain` hands extra
+    arguments to the transformations that take them, and `nnx.Optimizer.update(model,
+    grads, noise_scale=noise)` hands them to its `tx`. The smoothed `B_simple` is then
+    read from the optimizer state wherever the transformation sits:
+    `optax.tree_utils.tree_get(opt_state, "noise_scale").b_simple` (entry 0 is the
+    whole gradient, the others the groups of `by`), or `.as_dict()` of that for a
+    logger. See docs/noise_scale.md.
+
+    Args:
+        decay: the weight of the past in the moving averages, in [0, 1).
+        by: the grouping given to the estimating function (`"leaf"`, `"group"`, a
+            callable, or `None`); the groups are read from the parameters at `init`.
+
+    Returns:
+        An `optax.GradientTransformationExtraArgs` whose state is a
+        `TrackNoiseScaleState`; `update` requires `noise_scale=`.
+
+    Raises:
+        TypeError: if `decay` is not a real number; at `update`, if `noise_scale` is
+            missing or not a `jaxgrad.NoiseScale`.
+        ValueError: if `decay` is outside [0, 1); at `update`, if the groups of
+            `noise_scale` differ from those of the state.
+
+    Example:
+        >>> import optax
+        >>> from jaxgrad.optax import track_noise_scale
+        >>> tx = optax.chain(track_noise_scale(decay=0.9), optax.sgd(learning_rate=0.1))
+        >>> params = {"w": jnp.zeros(2)}
+        >>> state = tx.init(params)
+        >>> loss = lambda w, batch: jnp.mean((batch @ w["w"] - 1.0) ** 2)
+        >>> batches = jnp.array([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [2.0, 0.0]]])
+        >>> grads, noise = jaxgrad.grad_microbatch_noise(jax.grad(loss), params, batches)
+        >>> updates, state = tx.update(grads, state, params, noise_scale=noise)
+        >>> optax.tree_utils.tree_get(state, "noise_scale").as_dict()
+        {'grad_sq': 4.0, 'trace_cov': 4.0, 'b_simple': 1.0}
+    """
+    decay = check_decay(decay)
+
+    def init_fn(params: PyTree) -> optax.OptState:
+        return cast(optax.OptState, TrackNoiseScaleState(noise_scale_init(params, by=by)))
+
+    def update_fn(
+        updates: PyTree,
+        state: Any,
+        params: PyTree | None = None,
+        *,
+        noise_scale: NoiseScale | None = None,
+        **extra_args: Any,
+    ) -> tuple[PyTree, optax.OptState]:
+        del params, extra_args
+        if noise_scale is None:
+            raise TypeError(
+                "`track_noise_scale` needs the step's estimates: call "
+                "`tx.update(grads, opt_state, params, noise_scale=noise)` with the "
+                "`NoiseScale` from `jaxgrad.grad_microbatch_noise` or "
+                "`jaxgrad.grad_pmean_noise` (with `nnx.Optimizer`: "
+                "`optimizer.update(model, grads, noise_scale=noise)`)."
+            )
+        if not isinstance(state, TrackNoiseScaleState):
+            raise TypeError(
+                "`state` must be the `TrackNoiseScaleState` from this transformation's "
+                f"`init`; got {type(state).__name__}."
+            )
+        smoothed = state.noise_scale
+        if not isinstance(noise_scale, NoiseScale):
+            raise TypeError(
+                "`noise_scale` must be a `jaxgrad.NoiseScale` (from "
+                "`jaxgrad.grad_microbatch_noise` or `jaxgrad.grad_pmean_noise`); got "
+                f"{type(noise_scale).__name__}."
+            )
+        if smoothed.names != noise_scale.names:
+            raise ValueError(
+                "`noise_scale` must have the groups of `track_noise_scale(by=...)`; the "
+                f"state has {list(smoothed.names)}, `noise_scale` has "
+                f"{list(noise_scale.names)}. Give both the same `by`."
+            )
+        new = TrackNoiseScaleState(noise_scale_update(smoothed, noise_scale, decay=decay))
+        return updates, cast(optax.OptState, new)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
