@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._donate import check_donatable, moved_to, per_device, placed, replicated, sharding_of
-from ._structure import (
+from ._checks import (
     check_array_leaves,
     check_callable,
+    check_donatable,
     check_same_shapes,
     check_same_structure,
     describe_node,
@@ -23,6 +23,7 @@ from ._structure import (
     nnx_params,
     where,
 )
+from ._donate import moved_to, per_device, placed, replicated, sharding_of
 from ._typing import Array, DTypeLike, PyTree
 
 

@@ -1,20 +1,17 @@
 """Clipping that reports: `grad_clip`, `grad_clip_by_magnitude` and their `GradStats`."""
 
 import functools
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.core import Tracer
 
-from ._collectives import check_axis_name
+from ._checks import check_array_leaves, check_axis_name, check_bound, nnx_params
 from ._numerics import AxisName, accumulation_dtype, may_pack
 from ._numerics import rms as root_mean_square
 from ._stats import By, Groups, GroupStats, resolve_groups
 from ._stats import measure as measure_groups
-from ._structure import check_array_leaves, nnx_params
 from ._typing import Array, ArrayLike, PyTree
 
 
@@ -86,37 +83,6 @@ class GradStats(NamedTuple):
             value = np.asarray(value)
             out[f"{prefix}{name}"] = value.item() if value.ndim == 0 else value
         return out
-
-
-def check_bound(name: str, value: Any) -> Any:
-    """`value` as a Python float (one compilation for every bound), or a tracer as it is.
-
-    Accepts any real scalar: Python and numpy numbers, `fractions.Fraction`, 0-d arrays
-    of any integer or floating dtype (bfloat16 included). Raises unless it is
-    non-negative (NaN excluded); tracers pass unchecked.
-    """
-    if isinstance(value, Tracer):
-        if np.ndim(value) != 0:
-            raise ValueError(f"`{name}` must be a scalar; got an array of shape {value.shape}.")
-        return value
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"`{name}` must be a real number; got bool {value!r}.")
-    if isinstance(value, numbers.Real):
-        number = float(value)
-    elif isinstance(value, (np.ndarray, jax.Array)):
-        if np.ndim(value) != 0:
-            raise ValueError(
-                f"`{name}` must be a scalar; got an array of shape {tuple(value.shape)}."
-            )
-        dtype = value.dtype
-        if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
-            raise TypeError(f"`{name}` must be a real number; got dtype {np.dtype(dtype).name}.")
-        number = float(value)
-    else:
-        raise TypeError(f"`{name}` must be a real number; got {type(value).__name__} {value!r}.")
-    if not number >= 0:  # also catches NaN
-        raise ValueError(f"`{name}` must be a non-negative number; got {number!r}.")
-    return number
 
 
 def _work_dtype(dtype: Any, acc: np.dtype) -> Any:

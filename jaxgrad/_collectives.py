@@ -1,40 +1,13 @@
 """Collectives across data-parallel replicas: `grad_psum`, `grad_pmean`; `axis_name` checks."""
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
-from ._structure import describe_leaf, where
-from ._typing import Array, PyTree
+from ._checks import check_axis_name, describe_leaf, where
+from ._numerics import widen
+from ._typing import PyTree
 
 AxisNames = str | tuple[str, ...]
-
-
-def check_axis_name(axis_name: Any, *, optional: bool = False) -> None:
-    """Raise `TypeError` unless `axis_name` is a str or a non-empty tuple of str.
-
-    With `optional=True`, `None` (no collective) is accepted too.
-    """
-    if axis_name is None and optional:
-        return
-    if isinstance(axis_name, str):
-        return
-    if (
-        isinstance(axis_name, tuple)
-        and axis_name
-        and all(isinstance(name, str) for name in axis_name)
-    ):
-        return
-    expected = "a mesh axis name (a str) or a non-empty tuple of names"
-    if optional:
-        expected += ", or None"
-    hint = ""
-    if isinstance(axis_name, list) and axis_name and all(isinstance(n, str) for n in axis_name):
-        hint = f" A list is not accepted (JAX needs a hashable name); pass {tuple(axis_name)!r}."
-    raise TypeError(
-        f"`axis_name` must be {expected}; got {type(axis_name).__name__} {axis_name!r}.{hint}"
-    )
 
 
 def grad_psum(grad: PyTree, axis_name: AxisNames) -> PyTree:
@@ -123,12 +96,6 @@ def grad_pmean(grad: PyTree, axis_name: AxisNames) -> PyTree:
                 f"{where(path)} it has {describe_leaf(jnp.asarray(leaf))}. "
                 "Use `grad_psum` for integer leaves."
             )
-    total = jax.lax.psum(jax.tree.map(_widen, grad), axis_name)
+    total = jax.lax.psum(jax.tree.map(lambda x: widen(jnp.asarray(x)), grad), axis_name)
     count = jax.lax.psum(1, axis_name)  # the number of replicas, a constant: no collective
     return jax.tree.map(lambda t, x: (t / count).astype(jnp.result_type(x)), total, grad)
-
-
-def _widen(x: Any) -> Array:
-    """A leaf in float32 if its dtype is a narrower float (float16, bfloat16), else as is."""
-    x = jnp.asarray(x)
-    return x.astype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else x

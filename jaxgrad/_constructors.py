@@ -10,9 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec, Sharding
 
-from ._donate import placed
-from ._gradient import Gradient
-from ._structure import (
+from ._checks import (
     check_array_leaves,
     check_callable,
     check_same_structure,
@@ -20,6 +18,8 @@ from ._structure import (
     is_traced,
     where,
 )
+from ._donate import placed
+from ._gradient import Gradient
 from ._typing import Array, DTypeLike, PyTree
 
 Sampler = Callable[[Array, tuple[int, ...], DTypeLike], Array]

@@ -10,7 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._collectives import check_axis_name
+from ._checks import (
+    check_array_leaves,
+    check_axis_name,
+    check_same_shapes,
+    check_same_structure,
+    describe_leaf,
+    nnx_params,
+    where,
+)
 from ._numerics import (
     AxisName,
     accumulation_dtype,
@@ -26,14 +34,6 @@ from ._numerics import (
     tree_leaves,
 )
 from ._stats import leaf_names
-from ._structure import (
-    check_array_leaves,
-    check_same_shapes,
-    check_same_structure,
-    describe_leaf,
-    nnx_params,
-    where,
-)
 from ._typing import Array, ArrayLike, PyTree
 
 

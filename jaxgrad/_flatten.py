@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ._structure import (
+from ._checks import (
     check_array_leaves,
     describe_leaf,
     is_traced,

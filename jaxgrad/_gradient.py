@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._structure import check_same_shapes, check_same_structure, describe_leaf
+from ._checks import check_same_shapes, check_same_structure, describe_leaf
 from ._typing import PyTree
 
 

@@ -6,8 +6,15 @@ from typing import Any
 
 import jax
 
-from ._donate import check_donatable, per_device
-from ._structure import check_callable, check_same_structure, is_traced, nnx_params, where
+from ._checks import (
+    check_callable,
+    check_donatable,
+    check_same_structure,
+    is_traced,
+    nnx_params,
+    where,
+)
+from ._donate import per_device
 from ._typing import PyTree
 
 

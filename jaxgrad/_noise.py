@@ -20,7 +20,16 @@ import numpy as np
 from jax.core import Tracer
 
 from ._accumulator import GradSum
-from ._collectives import check_axis_name
+from ._checks import (
+    check_array_leaves,
+    check_axis_name,
+    check_callable,
+    check_same_shapes,
+    check_same_structure,
+    describe_leaf,
+    nnx_params,
+    where,
+)
 from ._numerics import (
     AxisName,
     Segments,
@@ -34,15 +43,6 @@ from ._numerics import (
     widen,
 )
 from ._stats import By, Groups, resolve_groups
-from ._structure import (
-    check_array_leaves,
-    check_callable,
-    check_same_shapes,
-    check_same_structure,
-    describe_leaf,
-    nnx_params,
-    where,
-)
 from ._typing import Array, ArrayLike, DTypeLike, PyTree
 
 # -- the pytrees -------------------------------------------------------------------------

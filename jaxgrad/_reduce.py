@@ -9,8 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._collectives import check_axis_name
-from ._donate import check_donatable
+from ._checks import (
+    check_array_leaves,
+    check_axis_name,
+    check_callable,
+    check_donatable,
+    describe_leaf,
+    is_traced,
+    nnx_params,
+    where,
+)
 from ._numerics import (
     AxisName,
     accumulation_dtype,
@@ -25,14 +33,6 @@ from ._numerics import (
     rows,
     tree_leaves,
     widen,
-)
-from ._structure import (
-    check_array_leaves,
-    check_callable,
-    describe_leaf,
-    is_traced,
-    nnx_params,
-    where,
 )
 from ._typing import Array, ArrayLike, PyTree
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._collectives import check_axis_name
+from ._checks import check_array_leaves, check_axis_name, describe_leaf, nnx_params, where
 from ._gradient import Gradient
 from ._numerics import (
     AxisName,
@@ -26,7 +26,6 @@ from ._numerics import (
     rms,
     rows,
 )
-from ._structure import check_array_leaves, describe_leaf, nnx_params, where
 from ._typing import Array, PyTree
 
 By = str | Callable[[tuple[Any, ...], Any], str | None] | None

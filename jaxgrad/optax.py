@@ -12,7 +12,8 @@ from typing import Any, NamedTuple, cast
 import jax
 import jax.numpy as jnp
 
-from ._clip import GradStats, check_bound, grad_clip
+from ._checks import check_bound
+from ._clip import GradStats, grad_clip
 from ._noise import NoiseScale, NoiseScaleState, check_decay, noise_scale_init, noise_scale_update
 from ._numerics import AxisName, accumulation_dtype, count_dtype
 from ._stats import By, GroupStats, resolve_groups

@@ -1,5 +1,10 @@
-"""Tree-structure checks with error messages that name the first differing key path."""
+"""Every argument and tree check, one wording per kind of error (the house style).
 
+Trees: structure and shapes (naming the first differing key path), numeric and
+floating-point leaves, modules, tracers, donation. Arguments: `axis_name`, bounds.
+"""
+
+import numbers
 import sys
 from typing import Any
 
@@ -211,3 +216,96 @@ def nnx_params(tree: Any) -> Any:
 def is_traced(tree: Any) -> bool:
     """Whether a leaf of `tree` is a tracer (we are inside the user's `jax.jit` or `grad`)."""
     return any(isinstance(leaf, Tracer) for leaf in jax.tree.leaves(tree))
+
+
+def check_axis_name(axis_name: Any, *, optional: bool = False) -> None:
+    """Raise `TypeError` unless `axis_name` is a str or a non-empty tuple of str.
+
+    With `optional=True`, `None` (no collective) is accepted too.
+    """
+    if axis_name is None and optional:
+        return
+    if isinstance(axis_name, str):
+        return
+    if (
+        isinstance(axis_name, tuple)
+        and axis_name
+        and all(isinstance(name, str) for name in axis_name)
+    ):
+        return
+    expected = "a mesh axis name (a str) or a non-empty tuple of names"
+    if optional:
+        expected += ", or None"
+    hint = ""
+    if isinstance(axis_name, list) and axis_name and all(isinstance(n, str) for n in axis_name):
+        hint = f" A list is not accepted (JAX needs a hashable name); pass {tuple(axis_name)!r}."
+    raise TypeError(
+        f"`axis_name` must be {expected}; got {type(axis_name).__name__} {axis_name!r}.{hint}"
+    )
+
+
+def check_bound(name: str, value: Any) -> Any:
+    """`value` as a Python float (one compilation for every bound), or a tracer as it is.
+
+    Accepts any real scalar: Python and numpy numbers, `fractions.Fraction`, 0-d arrays
+    of any integer or floating dtype (bfloat16 included). Raises unless it is
+    non-negative (NaN excluded); tracers pass unchecked.
+    """
+    if isinstance(value, Tracer):
+        if np.ndim(value) != 0:
+            raise ValueError(f"`{name}` must be a scalar; got an array of shape {value.shape}.")
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a real number; got bool {value!r}.")
+    if isinstance(value, numbers.Real):
+        number = float(value)
+    elif isinstance(value, (np.ndarray, jax.Array)):
+        if np.ndim(value) != 0:
+            raise ValueError(
+                f"`{name}` must be a scalar; got an array of shape {tuple(value.shape)}."
+            )
+        dtype = value.dtype
+        if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+            raise TypeError(f"`{name}` must be a real number; got dtype {np.dtype(dtype).name}.")
+        number = float(value)
+    else:
+        raise TypeError(f"`{name}` must be a real number; got {type(value).__name__} {value!r}.")
+    if not number >= 0:  # also catches NaN
+        raise ValueError(f"`{name}` must be a non-negative number; got {number!r}.")
+    return number
+
+
+def _array_paths(tree: PyTree) -> list[tuple[str, jax.Array]]:
+    return [
+        (where(path), leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if isinstance(leaf, jax.Array)
+    ]
+
+
+def check_donatable(name: str, tree: PyTree, **others: Any) -> None:
+    """Raise `ValueError` if an array of `tree` appears twice in it or in any of `others`.
+
+    Donating such an array would delete a buffer that another part of the call still
+    reads; XLA's own error for it does not say where the array is.
+    """
+    seen: dict[int, str] = {}
+    for path, leaf in _array_paths(tree):
+        if leaf.is_deleted():
+            raise ValueError(
+                f"`{name}` cannot be donated: its array at {path} was already deleted "
+                "(donated by an earlier call)."
+            )
+        first = seen.setdefault(id(leaf), path)
+        if first != path:
+            raise ValueError(
+                f"`{name}` cannot be donated: the same array appears at {first} and at {path}; "
+                "pass a copy or use `donate=False`."
+            )
+    for other_name, other in others.items():
+        for path, leaf in _array_paths(other):
+            if id(leaf) in seen:
+                raise ValueError(
+                    f"`{name}` cannot be donated: its array at {seen[id(leaf)]} is also "
+                    f"`{other_name}` at {path}; pass a copy or use `donate=False`."
+                )
