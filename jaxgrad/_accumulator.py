@@ -20,8 +20,8 @@ from ._checks import (
     describe_node,
     first_difference,
     is_traced,
+    micro_batch_count,
     nnx_params,
-    where,
 )
 from ._donate import moved_to, per_device, placed, replicated, sharding_of
 from ._typing import Array, DTypeLike, PyTree
@@ -284,29 +284,6 @@ def _mean_checked(state: GradSum) -> PyTree:
     return per_device(mean, state.total, dtypes)
 
 
-def _micro_batch_count(batches: PyTree) -> int:
-    pairs = jax.tree_util.tree_flatten_with_path(batches)[0]
-    if not pairs:
-        raise ValueError("`batches` must have at least one leaf with a leading micro-batch axis.")
-    first_path, first = pairs[0]
-    for path, leaf in pairs:
-        if np.ndim(leaf) == 0:
-            raise ValueError(
-                f"`batches` leaves must have a leading micro-batch axis; at {where(path)} "
-                "it has a scalar."
-            )
-        if np.shape(leaf)[0] != np.shape(first)[0]:
-            raise ValueError(
-                "`batches` leaves must share the leading micro-batch axis; "
-                f"{where(first_path)} has {np.shape(first)[0]} micro-batches, "
-                f"{where(path)} has {np.shape(leaf)[0]}."
-            )
-    n = int(np.shape(first)[0])
-    if n == 0:
-        raise ValueError("`batches` must hold at least one micro-batch; its leading axis is 0.")
-    return n
-
-
 def _gradient_of(out: Any, has_aux: bool, like: PyTree) -> tuple[PyTree, Any]:
     """`(grad, aux)` from what `grad_fn` returned, checked against the parameters `like`."""
     if has_aux:
@@ -427,7 +404,7 @@ def grad_microbatch_mean(
         True
     """
     check_callable("grad_fn", grad_fn)
-    _micro_batch_count(batches)
+    micro_batch_count(batches)
     like = nnx_params(params)
     if like is not params:
         return _module_microbatches(grad_fn, params, batches, has_aux, dtype)

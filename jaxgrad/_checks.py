@@ -309,3 +309,27 @@ def check_donatable(name: str, tree: PyTree, **others: Any) -> None:
                     f"`{name}` cannot be donated: its array at {seen[id(leaf)]} is also "
                     f"`{other_name}` at {path}; pass a copy or use `donate=False`."
                 )
+
+
+def micro_batch_count(batches: PyTree) -> int:
+    """The length of the leading (micro-batch) axis shared by every leaf of `batches`."""
+    pairs = jax.tree_util.tree_flatten_with_path(batches)[0]
+    if not pairs:
+        raise ValueError("`batches` must have at least one leaf with a leading micro-batch axis.")
+    first_path, first = pairs[0]
+    for path, leaf in pairs:
+        if np.ndim(leaf) == 0:
+            raise ValueError(
+                f"`batches` leaves must have a leading micro-batch axis; at {where(path)} "
+                "it has a scalar."
+            )
+        if np.shape(leaf)[0] != np.shape(first)[0]:
+            raise ValueError(
+                "`batches` leaves must share the leading micro-batch axis; "
+                f"{where(first_path)} has {np.shape(first)[0]} micro-batches, "
+                f"{where(path)} has {np.shape(leaf)[0]}."
+            )
+    n = int(np.shape(first)[0])
+    if n == 0:
+        raise ValueError("`batches` must hold at least one micro-batch; its leading axis is 0.")
+    return n

@@ -27,6 +27,7 @@ from ._checks import (
     check_same_shapes,
     check_same_structure,
     describe_leaf,
+    micro_batch_count,
     nnx_params,
     where,
 )
@@ -42,28 +43,10 @@ from ._numerics import (
     rows,
     widen,
 )
-from ._stats import By, Groups, resolve_groups
+from ._stats import By, Groups, logger_dict, resolve_groups
 from ._typing import Array, ArrayLike, DTypeLike, PyTree
 
 # -- the pytrees -------------------------------------------------------------------------
-
-
-def _flat_dict(arrays: dict[str, Array], names: tuple[str, ...], prefix: str) -> dict[str, Any]:
-    """`{<prefix><field>[/<group>]: value}` read from the device in one transfer."""
-    if any(isinstance(x, Tracer) for x in jax.tree.leaves(list(arrays.values()))):
-        raise TypeError(
-            "`as_dict` reads the estimates on the host; call it on the values returned from "
-            "`jax.jit`, not inside the traced function."
-        )
-    host = jax.device_get(list(arrays.values()))
-    out: dict[str, Any] = {}
-    for field, values in zip(arrays, host, strict=True):
-        values = np.asarray(values)
-        for g, name in enumerate(names):
-            value = values[..., g]
-            key = f"{prefix}{field}/{name}" if name else f"{prefix}{field}"
-            out[key] = value.item() if value.ndim == 0 else value
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +102,7 @@ class NoiseScale:
             {'grad_sq': 4.0, 'grad_sq/w': 1.0, 'trace_cov': 32.0, 'trace_cov/w': 8.0}
         """
         arrays = {"grad_sq": self.grad_sq, "trace_cov": self.trace_cov}
-        return _flat_dict(arrays, self.names, prefix)
+        return logger_dict("NoiseScale", arrays, self.names, prefix)
 
 
 jax.tree_util.register_dataclass(
@@ -181,7 +164,7 @@ class NoiseScaleState:
             {'noise/grad_sq': 0.0, 'noise/trace_cov': 0.0, 'noise/b_simple': nan}
         """
         arrays = {"grad_sq": self.grad_sq, "trace_cov": self.trace_cov, "b_simple": self.b_simple}
-        return _flat_dict(arrays, self.names, prefix)
+        return logger_dict("NoiseScaleState", arrays, self.names, prefix)
 
 
 jax.tree_util.register_dataclass(
@@ -233,26 +216,6 @@ def check_decay(decay: Any) -> Any:
             f"got {decay!r}."
         )
     return number
-
-
-def _micro_batch_count(batches: PyTree) -> int:
-    pairs = jax.tree_util.tree_flatten_with_path(batches)[0]
-    if not pairs:
-        raise ValueError("`batches` must have at least one leaf with a leading micro-batch axis.")
-    first_path, first = pairs[0]
-    for path, leaf in pairs:
-        if np.ndim(leaf) == 0:
-            raise ValueError(
-                f"`batches` leaves must have a leading micro-batch axis; at {where(path)} "
-                "it has a scalar."
-            )
-        if np.shape(leaf)[0] != np.shape(first)[0]:
-            raise ValueError(
-                "`batches` leaves must share the leading micro-batch axis; "
-                f"{where(first_path)} has {np.shape(first)[0]} micro-batches, "
-                f"{where(path)} has {np.shape(leaf)[0]}."
-            )
-    return int(np.shape(first)[0])
 
 
 def _examples_per_microbatch(batches: PyTree) -> int:
@@ -410,7 +373,7 @@ def grad_microbatch_noise(
     """
     check_callable("grad_fn", grad_fn)
     check_axis_name(axis_name, optional=True)
-    micro = _micro_batch_count(batches)
+    micro = micro_batch_count(batches)
     if micro == 0:
         raise ValueError("`batches` must hold at least one micro-batch; its leading axis is 0.")
     b_small = (

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from ._checks import check_array_leaves, check_axis_name, describe_leaf, nnx_params, where
 from ._gradient import Gradient
@@ -133,6 +134,31 @@ def _segments(groups: Groups, leaves: int) -> Segments:
     return Segments(ids, len(groups))
 
 
+def logger_dict(
+    owner: str, arrays: dict[str, Array], names: tuple[str, ...], prefix: str
+) -> dict[str, Any]:
+    """`{<prefix><field>[/<group>]: value}` of per-group arrays, read in one transfer.
+
+    The last axis of each array is the group (`names`, `""` for the whole gradient);
+    leading axes (a `lax.scan` of steps) are kept, as numpy arrays. `owner` names the
+    class in the error for traced values.
+    """
+    if any(isinstance(x, Tracer) for x in arrays.values()):
+        raise TypeError(
+            f"`{owner}.as_dict` reads the values on the host; call it on what `jax.jit` "
+            "returned, not inside the traced function."
+        )
+    host = jax.device_get(list(arrays.values()))
+    out: dict[str, Any] = {}
+    for field, values in zip(arrays, host, strict=True):
+        values = np.asarray(values)
+        for g, name in enumerate(names):
+            value = values[..., g]
+            key = f"{prefix}{field}/{name}" if name else f"{prefix}{field}"
+            out[key] = value.item() if value.ndim == 0 else value
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupStats:
     """Statistics of a gradient: one array per statistic, one entry per group.
@@ -192,21 +218,8 @@ class GroupStats:
             >>> stats.as_dict(prefix="grad/")
             {'grad/norm': 5.0, 'grad/rms': 3.535533905029297, 'grad/max_abs': 4.0, 'grad/nonfinite': 0}
         """  # noqa: E501
-        try:
-            host = jax.device_get([getattr(self, s) for s in self.STATISTICS])
-        except jax.errors.TracerArrayConversionError:
-            raise TypeError(
-                "`GroupStats.as_dict` reads the statistics on the host; call it on the stats "
-                "returned from `jax.jit`, not inside the traced function."
-            ) from None
-        out: dict[str, Any] = {}
-        for stat, values in zip(self.STATISTICS, host, strict=True):
-            values = np.asarray(values)
-            for g, name in enumerate(self.names):
-                value = values[..., g]
-                key = f"{prefix}{stat}/{name}" if name else f"{prefix}{stat}"
-                out[key] = value.item() if value.ndim == 0 else value
-        return out
+        arrays = {stat: getattr(self, stat) for stat in self.STATISTICS}
+        return logger_dict("GroupStats", arrays, self.names, prefix)
 
 
 jax.tree_util.register_dataclass(

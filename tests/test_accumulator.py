@@ -3,12 +3,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import MIXED, flat, make_tree, trees
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from toolkit_trees import flat, trees
 
 import jaxgrad as jg
-from conftest import make_tree
 
 # -- the accumulator state ---------------------------------------------------------------
 
@@ -411,7 +410,11 @@ def test_microbatch_gradients_with_non_float_leaves_name_the_key_path(bad):
 
 
 @settings(max_examples=16)
-@given(trees(), st.lists(st.floats(-4, 4, width=32), min_size=1, max_size=4), st.booleans())
+@given(
+    trees(dtypes=MIXED, max_leaves=6),
+    st.lists(st.floats(-4, 4, width=32), min_size=1, max_size=4),
+    st.booleans(),
+)
 def test_mean_of_scaled_copies_on_random_trees(tree, coefficients, jit):
     # Scaled on the host (numpy), so that only the accumulator compiles.
     grads = [

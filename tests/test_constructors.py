@@ -9,9 +9,9 @@ import numpy as np
 import optax.tree_utils as otu
 import pytest
 from flax import linen, nnx
+from helpers import make_tree
 
 import jaxgrad as jg
-from conftest import make_tree
 
 
 @dataclasses.dataclass

@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import flat, make_tree
 from jax.sharding import PartitionSpec as P
 from jax.sharding import SingleDeviceSharding
 
 import jaxgrad as jg
-from conftest import flat_numpy, make_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 MESH_CHECKS = ROOT / "tests" / "distributed" / "mesh_checks.py"
@@ -175,7 +175,7 @@ def test_reductions_check_axis_name_too(fn):
 def test_reductions_with_axis_name_see_the_whole_gradient():
     """Under a named vmap each replica's leaves are shards of one larger gradient."""
     stacked = _replicas()
-    flat = flat_numpy(stacked)
+    entries = flat(stacked)
     norm, magnitude, total = jax.jit(
         jax.vmap(
             lambda g: (
@@ -186,10 +186,10 @@ def test_reductions_with_axis_name_see_the_whole_gradient():
             axis_name="i",
         )
     )(stacked)
-    np.testing.assert_allclose(norm, np.full(3, np.sqrt(np.sum(flat**2))), rtol=1e-5)
+    np.testing.assert_allclose(norm, np.full(3, np.sqrt(np.sum(entries**2))), rtol=1e-5)
     # the global count of entries: 3 x the local count
-    np.testing.assert_allclose(magnitude, np.full(3, np.sqrt(np.mean(flat**2))), rtol=1e-5)
-    np.testing.assert_allclose(total, np.full(3, np.sum(flat)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(magnitude, np.full(3, np.sqrt(np.mean(entries**2))), rtol=1e-5)
+    np.testing.assert_allclose(total, np.full(3, np.sum(entries)), rtol=1e-5, atol=1e-5)
 
 
 def _psums(jaxpr) -> list:

@@ -3,9 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import MIXED, as_f64, paths, trees
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from toolkit_trees import as_f64, paths, trees
 
 import jaxgrad as jg
 
@@ -192,7 +192,7 @@ def test_where_finite_fallback_structure_errors():
 
 
 @settings(max_examples=16)
-@given(trees(nonfinite=True), st.booleans())
+@given(trees(nonfinite=True, dtypes=MIXED, max_leaves=6), st.booleans())
 def test_finite_checks_on_random_trees(tree, jit):
     maybe = jax.jit if jit else (lambda f: f)
     counts = _bad_counts(tree)

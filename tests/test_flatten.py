@@ -3,10 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import flat, make_tree, trees
 from hypothesis import given
 
 import jaxgrad as jg
-from conftest import flat_numpy, make_tree, trees
 
 
 def test_flatten_concatenates_raveled_leaves(maybe_jit, tree_kind, dtype):
@@ -14,7 +14,7 @@ def test_flatten_concatenates_raveled_leaves(maybe_jit, tree_kind, dtype):
     vec = maybe_jit(jg.grad_flatten)(tree)
     assert vec.ndim == 1
     assert vec.dtype == (dtype if jax.tree.leaves(tree) else jnp.float32)
-    np.testing.assert_array_equal(np.asarray(vec.astype(jnp.float32)), flat_numpy(tree))
+    np.testing.assert_array_equal(np.asarray(vec.astype(jnp.float32)), flat(tree))
 
 
 def test_flatten_agrees_with_jax_ravel_pytree():
@@ -77,7 +77,7 @@ def test_flatten_is_differentiable():
     chex.assert_trees_all_close(d, jax.tree.map(lambda x: 2 * x, tree))
 
 
-@given(trees)
+@given(trees())
 def test_round_trip_law(tree):
     back = jg.grad_unflatten(jg.grad_flatten(tree), tree)
     assert jax.tree.structure(back) == jax.tree.structure(tree)

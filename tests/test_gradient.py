@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import make_tree
 
 import jaxgrad as jg
-from conftest import make_tree
 
 
 def _grad(scale=1.0, dtype=jnp.float32):

@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
 import pytest
+from helpers import make_tree, trees
 from hypothesis import given
 
 import jaxgrad as jg
-from conftest import make_tree, trees
 from jaxgrad import gradient_util as gu
 
 
@@ -128,7 +128,7 @@ def test_paysage_path_exposes_the_same_functions():
     assert gu.grad_mapzip is jg.grad_mapzip and gu.Gradient is jg.Gradient
 
 
-@given(trees)
+@given(trees())
 def test_apply_is_linear(tree):
     """grad_apply of a linear map equals the linear combination of the maps."""
     left = jg.grad_apply(lambda x: 3.0 * x - 2.0 * x, tree)

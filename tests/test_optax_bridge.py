@@ -9,9 +9,9 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 import pytest
+from helpers import make_tree
 
 import jaxgrad as jg
-from conftest import make_tree
 from jaxgrad.optax import clip_with_stats
 
 

@@ -4,11 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
 import pytest
+from helpers import flat, make_tree, tolerance, trees
 from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxgrad as jg
-from conftest import flat_numpy, make_tree, tolerance, trees
 
 
 def _size(tree):
@@ -21,11 +21,11 @@ def _size(tree):
 @pytest.mark.parametrize("fn", [jg.grad_norm, jg.grad_magnitude, jg.grad_rms])
 def test_norms_match_numpy(fn, maybe_jit, tree_kind, dtype):
     tree = make_tree(tree_kind, dtype)
-    flat = flat_numpy(tree)
+    entries = flat(tree)
     if fn is jg.grad_norm:
-        expected = np.sqrt(np.sum(flat**2))
+        expected = np.sqrt(np.sum(entries**2))
     else:
-        expected = np.sqrt(np.mean(flat**2)) if flat.size else 0.0
+        expected = np.sqrt(np.mean(entries**2)) if entries.size else 0.0
     out = maybe_jit(fn)(tree)
     assert out.shape == () and out.dtype == jnp.float32
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
@@ -78,13 +78,13 @@ def test_derivative_is_finite_at_zero(fn, tree_kind):
 def test_derivative_away_from_zero(fn):
     tree = make_tree("dict", seed=7)
     d = jax.grad(fn)(tree)
-    flat = flat_numpy(tree)
+    entries = flat(tree)
     n = (
-        np.sqrt(np.sum(flat**2))
+        np.sqrt(np.sum(entries**2))
         if fn is jg.grad_norm
-        else np.sqrt(np.sum(flat**2)) * np.sqrt(flat.size)
+        else np.sqrt(np.sum(entries**2)) * np.sqrt(entries.size)
     )
-    np.testing.assert_allclose(flat_numpy(d), flat / n, rtol=1e-5)
+    np.testing.assert_allclose(flat(d), entries / n, rtol=1e-5)
 
 
 def test_norm_agrees_with_optax(tree_kind):
@@ -143,7 +143,7 @@ def test_fold_of_empty_returns_initial_and_accepts_any_accumulator():
         lambda acc, x: (acc[0] + x.size, acc[1] + jnp.sum(x)), make_tree("nested"), initial=(0, 0.0)
     )
     assert count == _size(make_tree("nested"))
-    np.testing.assert_allclose(total, flat_numpy(make_tree("nested")).sum(), rtol=1e-5)
+    np.testing.assert_allclose(total, flat(make_tree("nested")).sum(), rtol=1e-5)
 
 
 # -- normalize ------------------------------------------------------------------------
@@ -159,8 +159,8 @@ def test_normalize_gives_unit_norm_and_keeps_dtypes(fn, maybe_jit, tree_kind, dt
     assert type(out) is type(tree)
     chex.assert_trees_all_equal_shapes_and_dtypes(out, tree)
     np.testing.assert_allclose(jg.grad_norm(out), 1.0, rtol=tolerance(dtype) * 3)
-    flat = flat_numpy(tree)
-    np.testing.assert_allclose(flat_numpy(out), flat / np.linalg.norm(flat), atol=tolerance(dtype))
+    entries = flat(tree)
+    np.testing.assert_allclose(flat(out), entries / np.linalg.norm(entries), atol=tolerance(dtype))
 
 
 @pytest.mark.parametrize(
@@ -200,7 +200,7 @@ def test_normalize_rejects_integer_leaves():
 # -- laws -------------------------------------------------------------------------------
 
 
-@given(trees, st.floats(-10, 10))
+@given(trees(), st.floats(-10, 10))
 def test_norm_scales_with_absolute_value(tree, c):
     scaled = jg.grad_apply(lambda x: x * c, tree)
     np.testing.assert_allclose(
@@ -208,11 +208,11 @@ def test_norm_scales_with_absolute_value(tree, c):
     )
 
 
-@given(trees)
+@given(trees())
 def test_norm_magnitude_accumulate_agree(tree):
     n = _size(tree)
     norm, rms = float(jg.grad_norm(tree)), float(jg.grad_magnitude(tree))
     np.testing.assert_allclose(rms * np.sqrt(n), norm, rtol=1e-4, atol=1e-4)
     sq = float(jg.grad_accumulate(lambda x: jnp.sum(x * x), tree))
     np.testing.assert_allclose(np.sqrt(sq), norm, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(norm, np.linalg.norm(flat_numpy(tree)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(norm, np.linalg.norm(flat(tree)), rtol=1e-4, atol=1e-4)

@@ -2,12 +2,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import MIXED, as_f64, flat, make_tree, trees
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from toolkit_trees import as_f64, flat, trees
 
 import jaxgrad as jg
-from conftest import make_tree
 from jaxgrad._stats import _stats, path_name
 
 GLOBAL = ["norm", "rms", "max_abs", "nonfinite"]
@@ -225,7 +224,7 @@ def test_bad_by_raises():
 
 
 @settings(max_examples=16)
-@given(trees(nonfinite=True), st.booleans())
+@given(trees(nonfinite=True, dtypes=MIXED, max_leaves=6), st.booleans())
 def test_stats_on_random_trees_match_numpy(tree, jit):
     stats = _flat((jax.jit(jg.grad_stats) if jit else jg.grad_stats)(tree))
     pairs = jax.tree_util.tree_flatten_with_path(tree)[0]

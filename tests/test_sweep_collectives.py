@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import make_tree
 
 import jaxgrad as jg
-from conftest import make_tree
 
 
 def _over_replicas(fn, stacked, maybe_jit=lambda f: f):
