@@ -12,11 +12,12 @@ linearly with the number of leaves and read the gradient as few times as optax d
   so the padding changes nothing.
 - The global norms come out of one `lax.cond`: an ordinary gradient takes the plain
   float32 sum of squares; only a gradient whose sum is not finite (a NaN or inf entry,
-  or squares beyond float32's range) runs the second branch, which rescales every leaf
-  by its max-abs (so finite inputs always get a finite, correct norm) and counts the
-  non-finite entries. The conditional is also a hard boundary for XLA's fusion: the
-  O(leaves) chain of partial sums is computed once, and each leaf's output fusion reads
-  one scalar, as in optax's `clip_by_global_norm`.
+  or squares beyond float32's range) runs the second branch, which sums the squares
+  again with every entry scaled down by a fixed power of two (so finite inputs always
+  get a finite, correct norm) and counts the non-finite entries. The conditional is
+  also a hard boundary for XLA's fusion: the O(leaves) chain of partial sums is
+  computed once, and each leaf's output fusion reads one scalar, as in optax's
+  `clip_by_global_norm`.
 """
 
 from __future__ import annotations
@@ -208,22 +209,12 @@ def per_leaf(
     return out[plan.inverse]
 
 
-def scale_pieces(pieces: Sequence[Array], plan: Layout, factors: Array) -> list[Array]:
-    """Each leaf's entries divided by its own factor (`factors` in leaf order)."""
-    out = []
-    for piece, (length, idx) in zip(pieces, plan.pieces, strict=True):
-        if length is None:
-            out.append(piece / factors[idx[0]])
-        else:
-            out.append(piece / factors[np.asarray(idx)][:, None])
-    return out
-
-
 def _square(m: Array) -> Array:
     return m * m
 
 
-def _max(m: Array, axis: int) -> Array:
+def abs_max(m: Array, axis: Any) -> Array:
+    """The largest absolute value along `axis` (0 for none); NaN propagates."""
     return jnp.max(jnp.abs(m), axis=axis, initial=0)
 
 
@@ -329,7 +320,7 @@ def norms(
         return finish(Norms([safe_sqrt(s) for s in sums], counts))
 
     def rescued(matrices: list[Array]) -> Norms:
-        return finish(_rescued(matrices, plan, segments, sq, axis_name, nonfinite, counting))
+        return finish(_rescued(matrices, plan, segments, sums, axis_name, nonfinite, counting))
 
     if not leaves:
         return ordinary(matrices)
@@ -340,27 +331,37 @@ def _rescued(
     matrices: list[Array],
     plan: Layout,
     segments: Sequence[Segments],
-    sq: Array,
+    sums: list[Array],
     axis_name: AxisName,
     nonfinite: bool,
     counting: np.dtype,
 ) -> Norms:
-    """The rare branch: norms as `M * sqrt(sum((x / M)**2))`, per leaf then per group."""
-    big = per_leaf(matrices, plan, lambda m: m, _max)
-    usable = jnp.isfinite(big) & (big > 0)
-    scale = jnp.where(usable, big, 1)
-    inner = per_leaf(scale_pieces(matrices, plan, scale), plan, _square, jnp.sum)
-    # A leaf holding NaN or inf keeps its plain (non-finite) sum and scale 1.
-    inner = jnp.where(usable | (big == 0), inner, sq)
-    out = []
-    for seg in segments:
-        top = seg.max(jnp.where(usable, scale, 0))
-        if axis_name is not None:
-            top = jax.lax.pmax(top, axis_name)
-        top_of_leaf = jnp.concatenate([top, jnp.ones(1, top.dtype)])[seg.ids]
-        ratio = jnp.where(usable, scale / jnp.where(top_of_leaf > 0, top_of_leaf, 1), 1)
-        total = psum(seg.sum(ratio * ratio * inner), axis_name)
-        out.append(jnp.where(top > 0, top, 1) * safe_sqrt(total))
+    """The rare branch: the sums of squares again, every entry scaled down first.
+
+    A group whose plain sum of squares is not finite is summed again with each entry
+    scaled by a fixed power of two (`2**-80` in float32, `2**-600` in float64), so that no
+    square of a finite entry overflows.
+
+    Where the plain sum overflowed, the group's largest entries are beyond about 1e19, and
+    the entries that the scaling sends below the smallest normal number contribute less
+    than a rounding error: the result is exact to float32 rounding. NaN and inf entries
+    keep the group's norm NaN or inf. One more read of the gradient, on a bad step only.
+    """
+    exponent = 600 if matrices and matrices[0].dtype == np.dtype(np.float64) else 80
+
+    def scaled_square(m: Array) -> Array:
+        # ldexp, not a multiplication by a constant: XLA would fold (m*c)*(m*c) into
+        # (m*m)*(c*c), which overflows (m*m) and underflows (c*c) to 0: NaN.
+        small = jnp.ldexp(m, -exponent)
+        return small * small
+
+    scaled = per_leaf(matrices, plan, scaled_square, jnp.sum)
+    up = 2.0**exponent
+    rescaled = psum([seg.sum(scaled) for seg in segments], axis_name)
+    out = [
+        jnp.where(jnp.isfinite(plain), safe_sqrt(plain), safe_sqrt(small) * up)
+        for plain, small in zip(sums, rescaled, strict=True)
+    ]
     counts = None
     if nonfinite:
         bad = per_leaf(matrices, plan, lambda m: m, _count_nonfinite(counting))

@@ -18,6 +18,7 @@ from ._numerics import (
     AxisName,
     Layout,
     Segments,
+    abs_max,
     accumulation_dtype,
     layout,
     magnitudes,
@@ -262,7 +263,7 @@ def measure(
         epilogue=on_global,
     )
     assert result.nonfinite is not None
-    largest = per_leaf(matrices, plan, lambda m: m, _abs_max)
+    largest = per_leaf(matrices, plan, lambda m: m, abs_max)
     max_abs = jnp.concatenate([whole.max(largest), user.max(largest)])
     if axis_name is not None:
         max_abs = jax.lax.pmax(max_abs, axis_name)
@@ -276,10 +277,6 @@ def measure(
         names=("", *(name for name, _ in groups)),
     )
     return result.extra, stats
-
-
-def _abs_max(m: Array, axis: int) -> Array:
-    return jnp.max(jnp.abs(m), axis=axis, initial=0)
 
 
 @functools.partial(jax.jit, static_argnames=("groups", "axis_name", "pack"))

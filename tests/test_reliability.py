@@ -228,3 +228,13 @@ def test_modules_are_taken_by_their_param_state():
     assert isinstance(clipped, nnx.State)
     assert bool(jg.grad_all_finite(model))
     np.testing.assert_array_equal(jg.grad_flatten(model), jg.grad_flatten(params))
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_one_huge_entry_is_not_folded_into_nan(jit):
+    """XLA rewrites (x*c)*(x*c) as (x*x)*(c*c): inf * 0 for one entry of 1e20 (seen here)."""
+    fn = jax.jit(jg.grad_norm) if jit else jg.grad_norm
+    for leaf in (jnp.array([-1e20]), jnp.array(3e25), jnp.array([1e20, 1.0])):
+        np.testing.assert_allclose(
+            fn(leaf), np.linalg.norm(np.asarray(leaf, np.float64)), rtol=1e-6
+        )
