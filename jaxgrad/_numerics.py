@@ -350,9 +350,11 @@ def _rescued(
     exponent = 600 if matrices and matrices[0].dtype == np.dtype(np.float64) else 80
 
     def scaled_square(m: Array) -> Array:
-        # ldexp, not a multiplication by a constant: XLA would fold (m*c)*(m*c) into
-        # (m*m)*(c*c), which overflows (m*m) and underflows (c*c) to 0: NaN.
-        small = jnp.ldexp(m, -exponent)
+        # The factor passes an optimization barrier: with a known constant c, XLA rewrites
+        # (m*c)*(m*c) as (m*m)*(c*c), which overflows (m*m) and underflows (c*c) to 0,
+        # giving NaN (tests/test_reliability.py pins it). ldexp would be exact too, but
+        # compiles to a dozen integer ops per leaf.
+        small = m * jax.lax.optimization_barrier(jnp.asarray(2.0**-exponent, m.dtype))
         return small * small
 
     scaled = per_leaf(matrices, plan, scaled_square, jnp.sum)
