@@ -333,3 +333,29 @@ def micro_batch_count(batches: PyTree) -> int:
     if n == 0:
         raise ValueError("`batches` must hold at least one micro-batch; its leading axis is 0.")
     return n
+
+
+def check_template_leaves(name: str, tree: PyTree) -> None:
+    """Raise `TypeError` at the first leaf that is neither a numeric array nor a template.
+
+    A template is anything with a `shape` and a numeric `dtype` (`jax.ShapeDtypeStruct`).
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if _is_numeric_leaf(leaf):
+            continue
+        dtype, shape = getattr(leaf, "dtype", None), getattr(leaf, "shape", None)
+        if dtype is not None and shape is not None:
+            try:
+                numeric = bool(jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_)
+            except TypeError:
+                numeric = False
+            if numeric:
+                continue
+            kind = "an array" if isinstance(leaf, (jax.Array, np.ndarray)) else "a template"
+            what = f"{kind} of dtype {describe_leaf(leaf)}"
+        else:
+            what = f"a {type(leaf).__name__}: {leaf!r:.80}"
+        raise TypeError(
+            f"`{name}` must be a pytree of numeric arrays or `jax.ShapeDtypeStruct`s; at "
+            f"{where(path)} it has {what}."
+        )

@@ -214,9 +214,8 @@ def grad_nonfinite_report(grad: PyTree, *, axis_name: AxisName = None) -> Nonfin
 
     Args:
         grad: a `Gradient` or any pytree of arrays.
-        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
-            names) along which the local leaves are shards of one larger gradient;
-            the counts are global (one `psum`). `None` (the default) means no collective.
+        axis_name: the mesh axis name (or tuple of names) along which the leaves are
+            shards of one larger gradient; see docs/many_devices.md.
 
     Returns:
         A `NonfiniteReport`.
@@ -292,9 +291,8 @@ def grad_where_finite(
     Args:
         grad: a `Gradient` or any pytree of arrays.
         fallback: a scalar, or a pytree with the structure and leaf shapes of `grad`.
-        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of
-            names) along which the local leaves are shards of one larger gradient;
-            finiteness is decided globally (one `psum`). `None` means no collective.
+        axis_name: the mesh axis name (or tuple of names) along which the leaves are
+            shards of one larger gradient; see docs/many_devices.md.
 
     Returns:
         A pytree with the structure, shapes and dtypes of `grad`.

@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ._checks import (
     check_array_leaves,
+    check_template_leaves,
     describe_leaf,
     is_traced,
     nnx_params,
@@ -214,6 +215,7 @@ def grad_unflatten(vector: ArrayLike, like: PyTree) -> PyTree:
         Array([[2., 3.]], dtype=float32)
     """
     like = nnx_params(like)
+    check_template_leaves("like", like)
     vector = jnp.asarray(vector)
     if vector.ndim != 1:
         raise ValueError(f"`vector` must be 1-D; got shape {tuple(vector.shape)}.")

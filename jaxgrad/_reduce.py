@@ -57,13 +57,15 @@ def grad_accumulate(
     Args:
         func: a function of one array returning a scalar.
         grad: a `Gradient` or any pytree of arrays.
-        axis_name: a mesh axis name or tuple of names, or `None` (no collective).
+        axis_name: the mesh axis name (or tuple of names) along which the leaves are
+            shards of one larger gradient; see docs/many_devices.md.
 
     Returns:
         A 0-d array; `float()` works on it outside `jax.jit`.
 
     Raises:
-        TypeError: if `func` is not callable.
+        TypeError: if `func` is not callable, or a leaf is not a numeric array (the
+            message names its key path).
         ValueError: if `func` returns a non-scalar for some leaf (the message names it).
 
     Example:
@@ -73,6 +75,7 @@ def grad_accumulate(
     """
     grad = nnx_params(grad)
     check_callable("func", func)
+    check_array_leaves("grad", grad)
     leaves = jax.tree.leaves(grad)
     values = [func(leaf) for leaf in leaves]
     for i, value in enumerate(values):
@@ -187,9 +190,8 @@ def grad_norm(
         grad: a `Gradient` or any pytree of numeric arrays.
         ord: 2 (or None), 1, or `inf` (also `"inf"`).
         squared: return the square of the norm.
-        axis_name: inside `shard_map` or `pmap`, the mesh axis name (or tuple of names)
-            along which the local leaves are shards of one larger gradient; see
-            docs/many_devices.md. `None` (the default) means no collective.
+        axis_name: the mesh axis name (or tuple of names) along which the leaves are
+            shards of one larger gradient; see docs/many_devices.md.
 
     Returns:
         A float32 (or float64) scalar array.

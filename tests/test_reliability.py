@@ -238,3 +238,32 @@ def test_one_huge_entry_is_not_folded_into_nan(jit):
         np.testing.assert_allclose(
             fn(leaf), np.linalg.norm(np.asarray(leaf, np.float64)), rtol=1e-6
         )
+
+
+@pytest.mark.parametrize("ord", [1, 2, np.inf, None])
+@pytest.mark.parametrize("squared", [False, True])
+def test_grad_norm_ord_and_squared_match_optax(ord, squared):
+    import optax.tree_utils as otu
+
+    tree = {"a": jnp.array([3.0, -4.0]), "b": [jnp.array([[1.0, -12.0]]), jnp.array(0.5)]}
+    expected = otu.tree_norm(tree, ord=ord, squared=squared)
+    np.testing.assert_allclose(jg.grad_norm(tree, ord=ord, squared=squared), expected, rtol=1e-6)
+    jitted = jax.jit(lambda t: jg.grad_norm(t, ord=ord, squared=squared))
+    np.testing.assert_allclose(jitted(tree), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda bad: jg.grad_accumulate(jnp.sum, {"ok": jnp.ones(2), "bad": bad}),
+        lambda bad: jg.grad_unflatten(jnp.zeros(2), {"ok": jnp.ones(2), "bad": bad}),
+    ],
+    ids=["grad_accumulate", "grad_unflatten"],
+)
+def test_accumulate_and_unflatten_name_a_bad_leaf(call):
+    with pytest.raises(
+        TypeError, match=r"must be a pytree of numeric arrays.* at \['bad'\] it has a str: 'abc'"
+    ):
+        call("abc")
+    with pytest.raises(TypeError, match=r"at \['bad'\] it has "):
+        call(jax.random.key(0))
