@@ -158,8 +158,7 @@ def check_array_leaves(name: str, tree: PyTree, *, inexact: bool = False) -> Non
             )
 
 
-_NUMERIC: dict[Any, bool] = {}
-_INEXACT: dict[Any, bool] = {}
+_KINDS: dict[tuple[Any, str], bool] = {}
 
 
 def _dtype_of(leaf: Any) -> Any:
@@ -170,32 +169,33 @@ def _dtype_of(leaf: Any) -> Any:
     return None
 
 
-def _is_numeric_leaf(leaf: Any) -> bool:
+def _is_kind(leaf: Any, kind: str) -> bool:
+    """Whether `leaf` is an array (or number) of a `"numeric"` or `"inexact"` dtype.
+
+    Cached per dtype: a model has a handful, and the test is per leaf on every call.
+    """
     dtype = _dtype_of(leaf)
     if dtype is None:
         return False
-    known = _NUMERIC.get(dtype)
+    known = _KINDS.get((dtype, kind))
     if known is None:
         try:
-            known = bool(jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
-        except TypeError:
+            if kind == "inexact":
+                known = bool(jnp.issubdtype(dtype, jnp.inexact))
+            else:
+                known = bool(jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
+        except TypeError:  # a dtype numpy does not know, e.g. a PRNG key
             known = False
-        _NUMERIC[dtype] = known
+        _KINDS[dtype, kind] = known
     return known
+
+
+def _is_numeric_leaf(leaf: Any) -> bool:
+    return _is_kind(leaf, "numeric")
 
 
 def _is_inexact_leaf(leaf: Any) -> bool:
-    dtype = _dtype_of(leaf)
-    if dtype is None:
-        return False
-    known = _INEXACT.get(dtype)
-    if known is None:
-        try:
-            known = bool(jnp.issubdtype(dtype, jnp.inexact))
-        except TypeError:
-            known = False
-        _INEXACT[dtype] = known
-    return known
+    return _is_kind(leaf, "inexact")
 
 
 def nnx_params(tree: Any) -> Any:
