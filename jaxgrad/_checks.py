@@ -170,13 +170,16 @@ def _dtype_of(leaf: Any) -> Any:
 
 
 def _is_kind(leaf: Any, kind: str) -> bool:
-    """Whether `leaf` is an array (or number) of a `"numeric"` or `"inexact"` dtype.
+    """Whether `leaf` is an array (or number) of a `"numeric"` or `"inexact"` dtype."""
+    dtype = _dtype_of(leaf)
+    return dtype is not None and _dtype_is(dtype, kind)
+
+
+def _dtype_is(dtype: Any, kind: str) -> bool:
+    """Whether `dtype` is `"numeric"` (bool, integer, float, complex) or `"inexact"`.
 
     Cached per dtype: a model has a handful, and the test is per leaf on every call.
     """
-    dtype = _dtype_of(leaf)
-    if dtype is None:
-        return False
     known = _KINDS.get((dtype, kind))
     if known is None:
         try:
@@ -345,11 +348,7 @@ def check_template_leaves(name: str, tree: PyTree) -> None:
             continue
         dtype, shape = getattr(leaf, "dtype", None), getattr(leaf, "shape", None)
         if dtype is not None and shape is not None:
-            try:
-                numeric = bool(jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_)
-            except TypeError:
-                numeric = False
-            if numeric:
+            if _dtype_is(dtype, "numeric"):
                 continue
             kind = "an array" if isinstance(leaf, (jax.Array, np.ndarray)) else "a template"
             what = f"{kind} of dtype {describe_leaf(leaf)}"

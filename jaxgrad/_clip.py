@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._checks import check_array_leaves, check_axis_name, check_bound, nnx_params
-from ._numerics import AxisName, accumulation_dtype, may_pack
+from ._numerics import AxisName, accumulation_dtype, may_pack, tree_leaves
 from ._numerics import rms as root_mean_square
 from ._stats import By, Groups, GroupStats, resolve_groups
 from ._stats import measure as measure_groups
@@ -102,7 +102,7 @@ def _clip(
     axis_name: AxisName,
     pack: bool,
 ) -> tuple[PyTree, GradStats]:
-    leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
+    leaves = tree_leaves(grad)
     acc = accumulation_dtype(x.dtype for x in leaves)
     bound = jnp.asarray(bound).astype(acc)
     entries = sum(x.size for x in leaves)

@@ -23,6 +23,7 @@ from ._numerics import (
     AxisName,
     accumulation_dtype,
     count_dtype,
+    count_nonfinite,
     from_global_norm,
     global_norm,
     layout,
@@ -196,11 +197,7 @@ def _counts(grad: PyTree, *, axis_name: AxisName, pack: bool) -> Array:
     acc = accumulation_dtype(x.dtype for x in leaves)
     plan = layout(leaves, pack)
     matrices = rows(magnitudes(leaves, acc), plan)
-
-    def count(m: Array, axis: int) -> Array:
-        return jnp.sum(m, axis=axis, dtype=dtype)
-
-    return psum(per_leaf(matrices, plan, lambda m: ~jnp.isfinite(m), count), axis_name)
+    return psum(per_leaf(matrices, plan, lambda m: m, count_nonfinite(dtype)), axis_name)
 
 
 def grad_nonfinite_report(grad: PyTree, *, axis_name: AxisName = None) -> NonfiniteReport:

@@ -218,7 +218,9 @@ def abs_max(m: Array, axis: Any) -> Array:
     return jnp.max(jnp.abs(m), axis=axis, initial=0)
 
 
-def _count_nonfinite(dtype: np.dtype) -> Callable[[Array, int], Array]:
+def count_nonfinite(dtype: np.dtype) -> Callable[[Array, int], Array]:
+    """A `reduce` for `per_leaf`: the number of NaN and inf entries along `axis`, in `dtype`."""
+
     def count(m: Array, axis: int) -> Array:
         return jnp.sum(~jnp.isfinite(m), axis=axis, dtype=dtype)
 
@@ -366,15 +368,14 @@ def _rescued(
     ]
     counts = None
     if nonfinite:
-        bad = per_leaf(matrices, plan, lambda m: m, _count_nonfinite(counting))
+        bad = per_leaf(matrices, plan, lambda m: m, count_nonfinite(counting))
         counts = psum([seg.sum(bad) for seg in segments], axis_name)
     return Norms(out, counts)
 
 
 def global_norm(leaves: Sequence[Array], *, axis_name: AxisName = None, pack: bool = True) -> Array:
     """The L2 norm of all entries of `leaves` (0-d), exact for every finite input."""
-    segments = [Segments.whole(len(leaves))]
-    return norms(leaves, segments, axis_name=axis_name, pack=pack).norms[0][0]
+    return from_global_norm(leaves, lambda norm: norm, axis_name=axis_name, pack=pack)
 
 
 def from_global_norm(

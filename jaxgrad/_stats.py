@@ -27,6 +27,7 @@ from ._numerics import (
     per_leaf,
     rms,
     rows,
+    tree_leaves,
 )
 from ._typing import Array, PyTree
 
@@ -281,7 +282,7 @@ def measure(
 
 @functools.partial(jax.jit, static_argnames=("groups", "axis_name", "pack"))
 def _stats(grad: PyTree, *, groups: Groups, axis_name: AxisName, pack: bool) -> GroupStats:
-    leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
+    leaves = tree_leaves(grad)
     stats = measure(leaves, groups, axis_name, pack)[1]
     assert stats is not None
     return stats
