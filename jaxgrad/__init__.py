@@ -29,6 +29,7 @@ from ._maps import grad_apply as grad_apply
 from ._maps import grad_apply_ as grad_apply_
 from ._maps import grad_mapzip as grad_mapzip
 from ._maps import grad_mapzip_ as grad_mapzip_
+from ._naming import path_name as path_name
 from ._noise import NoiseScale as NoiseScale
 from ._noise import NoiseScaleState as NoiseScaleState
 from ._noise import grad_microbatch_noise as grad_microbatch_noise
@@ -44,7 +45,6 @@ from ._reduce import grad_normalize_ as grad_normalize_
 from ._reduce import grad_rms as grad_rms
 from ._stats import GroupStats as GroupStats
 from ._stats import grad_stats as grad_stats
-from ._stats import path_name as path_name
 
 try:
     __version__ = importlib.metadata.version("jaxgrad")

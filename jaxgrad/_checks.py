@@ -358,3 +358,44 @@ def check_template_leaves(name: str, tree: PyTree) -> None:
             f"`{name}` must be a pytree of numeric arrays or `jax.ShapeDtypeStruct`s; at "
             f"{where(path)} it has {what}."
         )
+
+
+def check_batch_size(name: str, value: Any) -> float:
+    """`value` as a positive finite Python float (a number of examples), else raise."""
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, Tracer):
+        kind = "a traced value" if isinstance(value, Tracer) else f"bool {value!r}"
+        raise TypeError(
+            f"`{name}` must be a positive number of examples known at trace time (a Python "
+            f"or numpy number); got {kind}."
+        )
+    if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"`{name}` must be a positive number of examples; got {type(value).__name__} {value!r}."
+        )
+    number = float(value)
+    if not (number > 0 and np.isfinite(number)):
+        raise ValueError(f"`{name}` must be a positive number of examples; got {value!r}.")
+    return number
+
+
+def check_decay(decay: Any) -> Any:
+    """`decay` as a Python float in [0, 1), or a 0-d tracer as it is; else raise."""
+    if isinstance(decay, Tracer):
+        if np.ndim(decay) != 0:
+            raise ValueError(f"`decay` must be a scalar; got an array of shape {decay.shape}.")
+        return decay
+    if isinstance(decay, (np.ndarray, jax.Array)) and np.ndim(decay) == 0:
+        decay = decay.item()
+    if isinstance(decay, (bool, np.bool_)) or not isinstance(decay, numbers.Real):
+        raise TypeError(
+            f"`decay` must be a real number in [0, 1); got {type(decay).__name__} {decay!r}."
+        )
+    number = float(decay)
+    if not 0 <= number < 1:  # also catches NaN
+        raise ValueError(
+            f"`decay` must be in [0, 1) (the weight of the past in the moving average); "
+            f"got {decay!r}."
+        )
+    return number

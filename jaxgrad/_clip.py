@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._checks import check_array_leaves, check_axis_name, check_bound, nnx_params
+from ._naming import By, Groups, resolve_groups
 from ._numerics import AxisName, accumulation_dtype, may_pack, tree_leaves
 from ._numerics import rms as root_mean_square
-from ._stats import By, Groups, GroupStats, resolve_groups
+from ._stats import GroupStats
 from ._stats import measure as measure_groups
 from ._typing import Array, ArrayLike, PyTree
 

@@ -19,6 +19,7 @@ from ._checks import (
     nnx_params,
     where,
 )
+from ._naming import leaf_names
 from ._numerics import (
     AxisName,
     accumulation_dtype,
@@ -34,7 +35,6 @@ from ._numerics import (
     rows,
     tree_leaves,
 )
-from ._stats import leaf_names
 from ._typing import Array, ArrayLike, PyTree
 
 

@@ -10,20 +10,20 @@ The formulas, the usage and the citation are on one page: docs/noise_scale.md.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.core import Tracer
 
 from ._accumulator import GradSum
 from ._checks import (
     check_array_leaves,
     check_axis_name,
+    check_batch_size,
     check_callable,
+    check_decay,
     check_same_shapes,
     check_same_structure,
     describe_leaf,
@@ -31,6 +31,7 @@ from ._checks import (
     nnx_params,
     where,
 )
+from ._naming import By, Groups, logger_dict, resolve_groups
 from ._numerics import (
     AxisName,
     Segments,
@@ -43,7 +44,6 @@ from ._numerics import (
     rows,
     widen,
 )
-from ._stats import By, Groups, logger_dict, resolve_groups
 from ._typing import Array, ArrayLike, DTypeLike, PyTree
 
 # -- the pytrees -------------------------------------------------------------------------
@@ -177,47 +177,6 @@ jax.tree_util.register_dataclass(
 # -- argument checks ---------------------------------------------------------------------
 
 
-def check_batch_size(name: str, value: Any) -> float:
-    """`value` as a positive finite Python float (a number of examples), else raise."""
-    if isinstance(value, (bool, np.bool_)) or isinstance(value, Tracer):
-        kind = "a traced value" if isinstance(value, Tracer) else f"bool {value!r}"
-        raise TypeError(
-            f"`{name}` must be a positive number of examples known at trace time (a Python "
-            f"or numpy number); got {kind}."
-        )
-    if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0:
-        value = value.item()
-    if not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"`{name}` must be a positive number of examples; got {type(value).__name__} {value!r}."
-        )
-    number = float(value)
-    if not (number > 0 and np.isfinite(number)):
-        raise ValueError(f"`{name}` must be a positive number of examples; got {value!r}.")
-    return number
-
-
-def check_decay(decay: Any) -> Any:
-    """`decay` as a Python float in [0, 1), or a 0-d tracer as it is; else raise."""
-    if isinstance(decay, Tracer):
-        if np.ndim(decay) != 0:
-            raise ValueError(f"`decay` must be a scalar; got an array of shape {decay.shape}.")
-        return decay
-    if isinstance(decay, (np.ndarray, jax.Array)) and np.ndim(decay) == 0:
-        decay = decay.item()
-    if isinstance(decay, (bool, np.bool_)) or not isinstance(decay, numbers.Real):
-        raise TypeError(
-            f"`decay` must be a real number in [0, 1); got {type(decay).__name__} {decay!r}."
-        )
-    number = float(decay)
-    if not 0 <= number < 1:  # also catches NaN
-        raise ValueError(
-            f"`decay` must be in [0, 1) (the weight of the past in the moving average); "
-            f"got {decay!r}."
-        )
-    return number
-
-
 def _examples_per_microbatch(batches: PyTree) -> int:
     """Axis 1 of every leaf of `batches` (they must agree): the micro-batch size."""
     pairs = jax.tree_util.tree_flatten_with_path(batches)[0]
@@ -256,10 +215,7 @@ def _segments(groups: Groups, leaves: int) -> list[Segments]:
     """The whole gradient, then the user's groups (if any)."""
     out = [Segments.whole(leaves)]
     if groups:
-        ids = np.full(leaves, len(groups), np.int32)
-        for g, (_, indices) in enumerate(groups):
-            ids[list(indices)] = g
-        out.append(Segments(ids, len(groups)))
+        out.append(Segments.from_groups(groups, leaves))
     return out
 
 

@@ -241,6 +241,14 @@ class Segments(NamedTuple):
         """One group holding every leaf."""
         return cls(np.zeros(leaves, np.int32), 1)
 
+    @classmethod
+    def from_groups(cls, groups: Sequence[tuple[str, Sequence[int]]], leaves: int) -> Segments:
+        """The user's groups (`(name, leaf indices)` each); leaves in none are left out."""
+        ids = np.full(leaves, len(groups), np.int32)
+        for g, (_, indices) in enumerate(groups):
+            ids[list(indices)] = g
+        return cls(ids, len(groups))
+
     def is_identity(self) -> bool:
         """Whether every leaf is its own group, in order."""
         return self.groups == self.ids.size and bool(

@@ -12,11 +12,12 @@ from typing import Any, NamedTuple, cast
 import jax
 import jax.numpy as jnp
 
-from ._checks import check_bound
+from ._checks import check_bound, check_decay
 from ._clip import GradStats, grad_clip
-from ._noise import NoiseScale, NoiseScaleState, check_decay, noise_scale_init, noise_scale_update
+from ._naming import By, resolve_groups
+from ._noise import NoiseScale, NoiseScaleState, noise_scale_init, noise_scale_update
 from ._numerics import AxisName, accumulation_dtype, count_dtype
-from ._stats import By, GroupStats, resolve_groups
+from ._stats import GroupStats
 from ._typing import ArrayLike, PyTree
 
 try:

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxgrad as jg
-from jaxgrad._stats import _stats, path_name
+from jaxgrad._naming import path_name
+from jaxgrad._stats import _stats
 
 GLOBAL = ["norm", "rms", "max_abs", "nonfinite"]
 
