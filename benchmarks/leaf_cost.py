@@ -47,10 +47,10 @@ def _optax_clip(g: Any) -> Any:
 OPS: dict[str, Callable[[Any], Any]] = {
     "optax.clip_by_global_norm": _optax_clip,
     "grad_norm": jg.grad_norm,
-    "grad_magnitude": jg.grad_magnitude,
+    "grad_rms": jg.grad_rms,
     "grad_normalize": jg.grad_normalize,
     "grad_clip": lambda g: jg.grad_clip(g, 1.0),
-    "grad_clip_by_magnitude": lambda g: jg.grad_clip_by_magnitude(g, 1.0),
+    "grad_clip_by_rms": lambda g: jg.grad_clip_by_rms(g, 1.0),
     "grad_clip(by='leaf')": lambda g: jg.grad_clip(g, 1.0, by="leaf"),
     "grad_stats": jg.grad_stats,
     "grad_all_finite": jg.grad_all_finite,

@@ -15,7 +15,7 @@ The variants (the gradient processing; the optimizer is `optax.adamw(1e-3)`):
 
 - `plain`: nothing;
 - `optax clip`: `optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))`;
-- `jaxgrad clip`: `jaxgrad.grad_clip(grads, 1.0)`, its `GradStats` as the logs;
+- `jaxgrad clip`: `jaxgrad.grad_clip(grads, 1.0)`, its `ClipStats` as the logs;
 - `jaxgrad full diagnostics`: `jaxgrad.grad_clip(grads, 1.0, by="leaf")`, one pass with
   per-leaf norm / RMS / max-abs / non-finite counts; where `grad_clip` has no `by=`
   keyword yet, the three calls below (the notes under the table say which ran);
@@ -136,7 +136,7 @@ def process_plain(grads: PyTree) -> tuple[PyTree, PyTree]:
 
 
 def process_jaxgrad_clip(grads: PyTree) -> tuple[PyTree, PyTree]:
-    """`jaxgrad.grad_clip` to norm 1, its `GradStats` as the logs."""
+    """`jaxgrad.grad_clip` to norm 1, its `ClipStats` as the logs."""
     return jg.grad_clip(grads, 1.0)
 
 

@@ -3,7 +3,7 @@
 Each process is one "host" with its own CPU devices; JAX's distributed runtime connects
 them (a coordinator on 127.0.0.1, gloo for the CPU collectives). The script builds a
 `Gradient` sharded over all global devices, then checks in every process that jaxgrad's
-results equal numpy's on the whole (gathered) gradient: `grad_norm`, `grad_magnitude`,
+results equal numpy's on the whole (gathered) gradient: `grad_norm`, `grad_rms`,
 `grad_mapzip`, `grad_normalize`, the reductions with `axis_name` inside `shard_map`,
 `grad_pmean`, and `random_grad(..., out_shardings=...)`.
 
@@ -97,10 +97,10 @@ def run_checks(say: Callable[[str], None]) -> None:
 
     # Reductions: the global value, replicated on every device of every process.
     norm = jax.jit(jg.grad_norm)(grad)
-    magnitude = jg.grad_magnitude(grad)  # eager: jaxgrad's own compiled dispatch
+    magnitude = jg.grad_rms(grad)  # eager: jaxgrad's own compiled dispatch
     assert norm.sharding.is_fully_replicated and magnitude.sharding.is_fully_replicated
     close(norm, np.sqrt(np.sum(flat**2)), f"grad_norm = {float(norm):.6f}")
-    close(magnitude, np.sqrt(np.mean(flat**2)), f"grad_magnitude = {float(magnitude):.6f}")
+    close(magnitude, np.sqrt(np.mean(flat**2)), f"grad_rms = {float(magnitude):.6f}")
 
     # Maps: each leaf keeps its sharding; gathered, the values are numpy's.
     momentum = jax.jit(lambda m, g: jg.grad_mapzip(lambda a, b: 0.9 * a + 0.1 * b, m, g))(
@@ -122,7 +122,7 @@ def run_checks(say: Callable[[str], None]) -> None:
     local = jax.jit(
         jax.shard_map(
             lambda g: jnp.stack(
-                [jg.grad_norm(g, axis_name="data"), jg.grad_magnitude(g, axis_name="data")]
+                [jg.grad_norm(g, axis_name="data"), jg.grad_rms(g, axis_name="data")]
             )[None],
             mesh=mesh,
             in_specs=(specs,),
@@ -135,7 +135,7 @@ def run_checks(say: Callable[[str], None]) -> None:
     close(
         per_device[:, 1],
         np.sqrt(np.mean(flat**2)),
-        "grad_magnitude(axis_name='data') on every device",
+        "grad_rms(axis_name='data') on every device",
     )
 
     # Data parallelism: every device holds a whole gradient; grad_pmean averages them.

@@ -10,9 +10,9 @@ import importlib.metadata
 
 from ._accumulator import GradSum as GradSum
 from ._accumulator import grad_microbatch_mean as grad_microbatch_mean
-from ._clip import GradStats as GradStats
+from ._clip import ClipStats as ClipStats
 from ._clip import grad_clip as grad_clip
-from ._clip import grad_clip_by_magnitude as grad_clip_by_magnitude
+from ._clip import grad_clip_by_rms as grad_clip_by_rms
 from ._collectives import grad_pmean as grad_pmean
 from ._collectives import grad_psum as grad_psum
 from ._constructors import null_grad as null_grad
@@ -38,7 +38,6 @@ from ._noise import noise_scale_init as noise_scale_init
 from ._noise import noise_scale_update as noise_scale_update
 from ._reduce import grad_accumulate as grad_accumulate
 from ._reduce import grad_fold as grad_fold
-from ._reduce import grad_magnitude as grad_magnitude
 from ._reduce import grad_norm as grad_norm
 from ._reduce import grad_normalize as grad_normalize
 from ._reduce import grad_normalize_ as grad_normalize_
@@ -53,7 +52,7 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source che
 
 __all__ = [
     "Gradient",
-    "GradStats",
+    "ClipStats",
     "GradSum",
     "GroupStats",
     "NoiseScale",
@@ -64,10 +63,9 @@ __all__ = [
     "grad_apply",
     "grad_apply_",
     "grad_clip",
-    "grad_clip_by_magnitude",
+    "grad_clip_by_rms",
     "grad_flatten",
     "grad_fold",
-    "grad_magnitude",
     "grad_mapzip",
     "grad_mapzip_",
     "grad_microbatch_mean",

@@ -1,4 +1,4 @@
-"""Clipping that reports: `grad_clip`, `grad_clip_by_magnitude` and their `GradStats`."""
+"""Clipping that reports: `grad_clip`, `grad_clip_by_rms` and their `ClipStats`."""
 
 import functools
 from typing import Any, NamedTuple
@@ -16,7 +16,7 @@ from ._stats import measure as measure_groups
 from ._typing import Array, ArrayLike, PyTree
 
 
-class GradStats(NamedTuple):
+class ClipStats(NamedTuple):
     """What a clip did: the pre-clip norm and RMS, the scale applied, two flags, and groups.
 
     A `NamedTuple`, hence a pytree of 0-d arrays (and, with `by`, a `GroupStats`): return
@@ -76,7 +76,7 @@ class GradStats(NamedTuple):
             host = jax.device_get([getattr(self, f) for f in fields])
         except jax.errors.TracerArrayConversionError:
             raise TypeError(
-                "`GradStats.as_dict` reads the statistics on the host; call it on the stats "
+                "`ClipStats.as_dict` reads the statistics on the host; call it on the stats "
                 "returned from `jax.jit`, not inside the traced function."
             ) from None
         out = {} if self.groups is None else self.groups.as_dict(prefix)
@@ -102,7 +102,7 @@ def _clip(
     groups: Groups | None,
     axis_name: AxisName,
     pack: bool,
-) -> tuple[PyTree, GradStats]:
+) -> tuple[PyTree, ClipStats]:
     leaves = tree_leaves(grad)
     acc = accumulation_dtype(x.dtype for x in leaves)
     bound = jnp.asarray(bound).astype(acc)
@@ -129,7 +129,7 @@ def _clip(
         clipped = ((x.astype(work) / divisor.astype(work)) * bound.astype(work)).astype(x.dtype)
         return jnp.where(over, clipped, x)
 
-    stats = GradStats(
+    stats = ClipStats(
         norm=norm, rms=rms, scale=scale, clipped=scale < 1, finite=finite, groups=group_stats
     )
     return jax.tree.map(rescale, grad), stats
@@ -137,7 +137,7 @@ def _clip(
 
 def grad_clip(
     grad: PyTree, max_norm: ArrayLike, *, by: By = None, axis_name: AxisName = None
-) -> tuple[PyTree, GradStats]:
+) -> tuple[PyTree, ClipStats]:
     """Scale a gradient so that its L2 norm is at most `max_norm`, and say what was done.
 
     When `grad_norm(grad) > max_norm` every entry is multiplied by `max_norm / norm`;
@@ -173,7 +173,7 @@ def grad_clip(
 
     Returns:
         `(clipped, stats)`: a pytree with the structure, shapes and dtypes of `grad`, and
-        a `GradStats`.
+        a `ClipStats`.
 
     Raises:
         ValueError: if `max_norm` is negative, NaN or not a scalar, or `by` is invalid.
@@ -199,7 +199,7 @@ def grad_clip(
 
 def _checked_clip(
     grad: PyTree, bound: Any, measure: str, by: By, axis_name: AxisName
-) -> tuple[PyTree, GradStats]:
+) -> tuple[PyTree, ClipStats]:
     grad = nnx_params(grad)
     check_array_leaves("grad", grad, inexact=True)
     check_axis_name(axis_name, optional=True)
@@ -208,13 +208,13 @@ def _checked_clip(
     return _clip(grad, bound, measure=measure, groups=groups, axis_name=axis_name, pack=pack)
 
 
-def grad_clip_by_magnitude(
+def grad_clip_by_rms(
     grad: PyTree, max_rms: ArrayLike, *, by: By = None, axis_name: AxisName = None
-) -> tuple[PyTree, GradStats]:
-    """Scale a gradient so that its RMS (`grad_magnitude`) is at most `max_rms`.
+) -> tuple[PyTree, ClipStats]:
+    """Scale a gradient so that its RMS (`grad_rms`) is at most `max_rms`.
 
     The same as `grad_clip` with the root-mean-square of all entries in place of the
-    norm: when `grad_magnitude(grad) > max_rms` every entry is multiplied by
+    norm: when `grad_rms(grad) > max_rms` every entry is multiplied by
     `max_rms / rms`, otherwise `grad` comes back unchanged. A bound on the RMS does not
     depend on the number of parameters, so one value suits models of any size. Dtypes,
     non-finite gradients (passed on unchanged, `finite=False`), `by` and `axis_name`
@@ -230,7 +230,7 @@ def grad_clip_by_magnitude(
 
     Returns:
         `(clipped, stats)`: a pytree with the structure, shapes and dtypes of `grad`, and
-        a `GradStats`.
+        a `ClipStats`.
 
     Raises:
         ValueError: if `max_rms` is negative, NaN or not a scalar, or `by` is invalid.
@@ -239,7 +239,7 @@ def grad_clip_by_magnitude(
 
     Example:
         >>> g = {"w": jnp.array([3.0, -3.0, 3.0, -3.0])}
-        >>> clipped, stats = jaxgrad.grad_clip_by_magnitude(g, 1.5)
+        >>> clipped, stats = jaxgrad.grad_clip_by_rms(g, 1.5)
         >>> clipped["w"], float(stats.rms), float(stats.scale)
         (Array([ 1.5, -1.5,  1.5, -1.5], dtype=float32), 3.0, 0.5)
     """

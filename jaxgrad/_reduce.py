@@ -223,7 +223,7 @@ def _magnitude(grad: PyTree, *, axis_name: AxisName, pack: bool) -> Array:
     return rms(norm, sum(x.size for x in leaves), axis_name)
 
 
-def grad_magnitude(grad: PyTree, *, axis_name: AxisName = None) -> Array:
+def grad_rms(grad: PyTree, *, axis_name: AxisName = None) -> Array:
     """Root-mean-square of all entries of a gradient: `sqrt(sum(x**2) / N)`.
 
     `N` is the total number of entries over all leaves (over all shards, with
@@ -232,7 +232,7 @@ def grad_magnitude(grad: PyTree, *, axis_name: AxisName = None) -> Array:
     tensor as much as a large one and is not an RMS; this is the true RMS of the
     flattened gradient. Accumulates like `grad_norm` (finite and correct for every
     finite input). A zero or empty gradient gives 0, with a finite (zero) derivative.
-    `grad_rms` is the same function (paysage's later name).
+    paysage's first name for it, `grad_magnitude`, is kept in `jaxgrad.gradient_util`.
 
     Args:
         grad: a `Gradient` or any pytree of numeric arrays.
@@ -246,18 +246,13 @@ def grad_magnitude(grad: PyTree, *, axis_name: AxisName = None) -> Array:
         TypeError: if a leaf is not a numeric array (the message names its key path).
 
     Example:
-        >>> jaxgrad.grad_magnitude(jaxgrad.Gradient([jnp.array([3.0, 4.0])], [jnp.zeros(2)]))
+        >>> jaxgrad.grad_rms(jaxgrad.Gradient([jnp.array([3.0, 4.0])], [jnp.zeros(2)]))
         Array(2.5, dtype=float32)
-        >>> jaxgrad.grad_rms is jaxgrad.grad_magnitude
-        True
     """
     grad = nnx_params(grad)
     check_array_leaves("grad", grad)
     check_axis_name(axis_name, optional=True)
     return _magnitude(grad, axis_name=axis_name, pack=may_pack(grad, axis_name))
-
-
-grad_rms = grad_magnitude
 
 
 def _inverse(norm: Array) -> Array:

@@ -18,8 +18,8 @@ this import is where a port starts; what else changes:
   `model.layers[i].params` with `model.connections[i].weights.params` (later paysage).
   Either way the result is `Gradient(layers, weights)` with one `weights` entry per
   weight group or connection, each mirroring its `params` pytree.
-* `grad_rms` is paysage's later name for `grad_magnitude`; both exist here and compute
-  the same value.
+* `grad_rms` is paysage's later name for `grad_magnitude`; here both are the same
+  function object (`jaxgrad.grad_rms` at the top level).
 * The magnitude is not paysage's number. paysage took the mean of squares of each
   tensor, summed those over all tensors, divided by the number of groups
   `len(grad.layers) + len(grad.weights)`, and took the square root. jaxgrad's
@@ -46,7 +46,6 @@ from . import (
     grad_apply_,
     grad_flatten,
     grad_fold,
-    grad_magnitude,
     grad_mapzip,
     grad_mapzip_,
     grad_norm,
@@ -58,6 +57,9 @@ from . import (
     random_grad,
     zero_grad,
 )
+
+grad_magnitude = grad_rms
+"""paysage's first name for `grad_rms` (the same function object)."""
 
 __all__ = [
     "Gradient",

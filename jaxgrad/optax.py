@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ._checks import check_bound, check_decay
-from ._clip import GradStats, grad_clip
+from ._clip import ClipStats, grad_clip
 from ._naming import By, resolve_groups
 from ._noise import NoiseScale, NoiseScaleState, noise_scale_init, noise_scale_update
 from ._numerics import AxisName, accumulation_dtype, count_dtype
@@ -31,7 +31,7 @@ except ImportError as error:  # pragma: no cover - exercised in a test with opta
 __all__ = ["TrackNoiseScaleState", "clip_with_stats", "track_noise_scale"]
 
 
-def _initial_stats(params: PyTree, by: By) -> GradStats:
+def _initial_stats(params: PyTree, by: By) -> ClipStats:
     """The state before any update: zeros with the dtypes and group names of later states."""
     leaves = [jnp.asarray(x) for x in jax.tree.leaves(params)]
     acc = accumulation_dtype(x.dtype for x in leaves)
@@ -48,7 +48,7 @@ def _initial_stats(params: PyTree, by: By) -> GradStats:
             nonfinite=jnp.zeros(len(names), counts),
             names=names,
         )
-    return GradStats(
+    return ClipStats(
         norm=zero,
         rms=zero,
         scale=jnp.ones((), acc),
@@ -64,7 +64,7 @@ def clip_with_stats(
     """`optax.clip_by_global_norm` that keeps the pre-clip statistics in its state.
 
     An `optax.GradientTransformation` that clips updates with `jaxgrad.grad_clip` and
-    stores the resulting `GradStats` (pre-clip `norm` and `rms`, `scale`, `clipped`,
+    stores the resulting `ClipStats` (pre-clip `norm` and `rms`, `scale`, `clipped`,
     `finite`, and with `by` the per-group `GroupStats`) as its state, so the last
     statistics can be logged from the optimizer state, also inside `optax.chain`:
     `opt_state[0].norm`, or `optax.tree_utils.tree_get(opt_state, "norm")`. The state
@@ -85,7 +85,7 @@ def clip_with_stats(
             shards of one larger tree; see docs/many_devices.md.
 
     Returns:
-        An `optax.GradientTransformation` whose state is a `jaxgrad.GradStats`.
+        An `optax.GradientTransformation` whose state is a `jaxgrad.ClipStats`.
 
     Raises:
         ValueError: if `max_norm` is negative, NaN or not a scalar.

@@ -19,7 +19,7 @@ def _optax_clip(tree, max_norm, jit):
 
 
 def _assert_stats(stats, norm, rms, scale, clipped, finite):
-    assert isinstance(stats, jg.GradStats)
+    assert isinstance(stats, jg.ClipStats)
     np.testing.assert_allclose(stats.norm, norm, rtol=1e-6)
     np.testing.assert_allclose(stats.rms, rms, rtol=1e-6)
     np.testing.assert_allclose(stats.scale, scale, rtol=1e-6)
@@ -64,7 +64,7 @@ def test_clip_differs_from_optax_only_where_optax_gives_nan():
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("fn", [jg.grad_clip, jg.grad_clip_by_magnitude])
+@pytest.mark.parametrize("fn", [jg.grad_clip, jg.grad_clip_by_rms])
 def test_clip_keeps_structure_and_dtypes_and_meets_the_bound(fn, dtype):
     tree = make_tree("nested", dtype)
     x = flat(tree)
@@ -129,7 +129,7 @@ def test_nonzero_gradient_with_zero_bound_is_zeros(maybe_jit):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-@pytest.mark.parametrize("fn", [jg.grad_clip, jg.grad_clip_by_magnitude])
+@pytest.mark.parametrize("fn", [jg.grad_clip, jg.grad_clip_by_rms])
 def test_nonfinite_gradient_is_passed_on_unchanged_with_a_flag(fn, bad, maybe_jit):
     g = {"w": jnp.array([1.0, bad], jnp.bfloat16), "b": jnp.full(3, 1e20)}
     out, stats = maybe_jit(fn)(g, 1.0)
@@ -172,10 +172,10 @@ def test_none_subtrees_zero_size_and_scalar_leaves(maybe_jit):
 
 def test_clip_by_magnitude_expected_values(maybe_jit):
     g = {"a": jnp.array([4.0, 0.0]), "b": jnp.array([0.0, 0.0])}  # rms 2, norm 4
-    out, stats = maybe_jit(jg.grad_clip_by_magnitude)(g, 1.0)
+    out, stats = maybe_jit(jg.grad_clip_by_rms)(g, 1.0)
     chex.assert_trees_all_close(out, {"a": jnp.array([2.0, 0.0]), "b": jnp.zeros(2)})
     _assert_stats(stats, 4.0, 2.0, 0.5, clipped=True, finite=True)
-    zeros, stats = jg.grad_clip_by_magnitude({"a": jnp.zeros(2)}, 0.0)
+    zeros, stats = jg.grad_clip_by_rms({"a": jnp.zeros(2)}, 0.0)
     chex.assert_trees_all_equal(zeros, {"a": jnp.zeros(2)})
     _assert_stats(stats, 0.0, 0.0, 1.0, clipped=False, finite=True)
 
@@ -228,7 +228,7 @@ def test_stats_is_a_pytree_from_jit_and_scan():
         return carry, jg.grad_clip(g, m)[1]
 
     _, stats = jax.jit(lambda ms: jax.lax.scan(body, 0, ms))(jnp.array([1.0, 10.0]))
-    assert isinstance(stats, jg.GradStats)
+    assert isinstance(stats, jg.ClipStats)
     np.testing.assert_allclose(stats.scale, [0.2, 1.0])
     np.testing.assert_array_equal(stats.clipped, [True, False])
 
@@ -254,7 +254,7 @@ def test_bad_bound_raises(value, error, message):
 
 def test_bad_rms_bound_names_max_rms():
     with pytest.raises(ValueError, match="`max_rms` must be a non-negative number; got -2"):
-        jg.grad_clip_by_magnitude({"w": jnp.ones(2)}, -2)
+        jg.grad_clip_by_rms({"w": jnp.ones(2)}, -2)
 
 
 def test_integer_leaves_are_rejected():
@@ -289,7 +289,7 @@ def test_clip_on_random_trees(tree, max_norm, jit):
 @settings(max_examples=16)
 @given(
     trees(nonfinite=True, dtypes=MIXED, max_leaves=6),
-    st.sampled_from([jg.grad_clip, jg.grad_clip_by_magnitude]),
+    st.sampled_from([jg.grad_clip, jg.grad_clip_by_rms]),
     st.booleans(),
 )
 def test_clip_never_makes_nan_and_passes_nonfinite_gradients_on(tree, fn, jit):

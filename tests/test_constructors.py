@@ -401,7 +401,7 @@ def test_paysage_rbm_random_grad_norm_and_normalize():
     g = jg.random_grad(model, jax.random.key(0))
     n = 1000 * 1000 + 2000
     np.testing.assert_allclose(jg.grad_norm(g), np.sqrt(n / 3), rtol=2e-3)
-    np.testing.assert_allclose(jg.grad_magnitude(g), np.sqrt(1 / 3), rtol=2e-3)
+    np.testing.assert_allclose(jg.grad_rms(g), np.sqrt(1 / 3), rtol=2e-3)
     np.testing.assert_allclose(jg.grad_norm(jg.grad_normalize(g)), 1.0, rtol=1e-5)
 
 

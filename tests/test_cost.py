@@ -39,11 +39,11 @@ def _clip_with_stats(g):
 OPS = {
     "grad_norm": jg.grad_norm,
     "grad_norm_ord1": lambda g: jg.grad_norm(g, ord=1),
-    "grad_magnitude": jg.grad_magnitude,
+    "grad_rms": jg.grad_rms,
     "grad_normalize": jg.grad_normalize,
     "grad_clip": lambda g: jg.grad_clip(g, 1.0),
     "grad_clip_by_leaf": lambda g: jg.grad_clip(g, 1.0, by="leaf"),
-    "grad_clip_by_magnitude": lambda g: jg.grad_clip_by_magnitude(g, 1.0),
+    "grad_clip_by_rms": lambda g: jg.grad_clip_by_rms(g, 1.0),
     "grad_stats": jg.grad_stats,
     "grad_stats_by_name": lambda g: jg.grad_stats(g, by=lambda p, x: f"g{x.ndim}{x.shape[0]}"),
     "grad_all_finite": jg.grad_all_finite,

@@ -166,7 +166,7 @@ def test_axis_name_must_be_a_name_or_tuple_of_names(fn, bad):
         jax.vmap(lambda g: fn(g, bad), axis_name="i")({"w": jnp.ones((2, 3))})
 
 
-@pytest.mark.parametrize("fn", [jg.grad_norm, jg.grad_magnitude, jg.grad_normalize])
+@pytest.mark.parametrize("fn", [jg.grad_norm, jg.grad_rms, jg.grad_normalize])
 def test_reductions_check_axis_name_too(fn):
     with pytest.raises(TypeError, match=r"`axis_name` must be .*, or None; got list \['i'\]"):
         jax.vmap(lambda g: fn(g, axis_name=["i"]), axis_name="i")({"w": jnp.ones((2, 3))})
@@ -180,7 +180,7 @@ def test_reductions_with_axis_name_see_the_whole_gradient():
         jax.vmap(
             lambda g: (
                 jg.grad_norm(g, axis_name="i"),
-                jg.grad_magnitude(g, axis_name="i"),
+                jg.grad_rms(g, axis_name="i"),
                 jg.grad_accumulate(jnp.sum, g, axis_name="i"),
             ),
             axis_name="i",
@@ -216,7 +216,7 @@ def _psums(jaxpr) -> list:
     "reduction",
     [
         lambda g: jg.grad_norm(g, axis_name="data"),
-        lambda g: jg.grad_magnitude(g, axis_name="data"),
+        lambda g: jg.grad_rms(g, axis_name="data"),
         lambda g: jg.grad_rms(g, axis_name="data"),
         lambda g: jg.grad_accumulate(jnp.sum, g, axis_name="data"),
         lambda g: jg.grad_normalize(g, axis_name="data"),
@@ -317,7 +317,7 @@ def test_two_processes_with_two_devices_each():
     for i, (returncode, text) in enumerate(results):
         assert returncode == 0, f"process {i} exited with {returncode}:\n{text[-4000:]}"
         assert f"process {i}/2: all checks passed" in text, text
-        for check in ("grad_norm", "grad_magnitude", "grad_mapzip", "random_grad"):
+        for check in ("grad_norm", "grad_rms", "grad_mapzip", "random_grad"):
             assert f"process {i}/2: {check}" in text, text
 
 

@@ -56,7 +56,7 @@ def assert_trees_close(got: Any, want: Any, rtol: float = 1e-5, atol: float = 1e
 
 def clip_by_magnitude(grads: Any, max_rms: float) -> tuple[Any, jax.Array]:
     """Scale `grads` so that its RMS is at most `max_rms`; the user-side recipe in jaxgrad."""
-    rms = jg.grad_magnitude(grads)
+    rms = jg.grad_rms(grads)
     scale = jnp.minimum(1.0, max_rms / rms)  # a zero gradient gives inf, hence scale 1
     return jg.grad_apply(lambda g: g * scale.astype(g.dtype), grads), rms
 
@@ -150,7 +150,7 @@ def test_nnx_jit_train_step_with_optimizer_matches_optax_clipping():
         loss, grads = nnx.value_and_grad(nnx_loss)(model, images, tokens, labels)
         clipped, rms = clip_by_magnitude(grads, max_rms)
         optimizer.update(model, clipped)
-        return loss, rms, jg.grad_magnitude(clipped), jg.grad_norm(grads)
+        return loss, rms, jg.grad_rms(clipped), jg.grad_norm(grads)
 
     @nnx.jit
     def ref_step(model, optimizer, images, tokens, labels):
@@ -484,11 +484,11 @@ def test_linen_zero_and_random_grad_match_jax_grad():
         assert_same_layout(tree, grads)
     assert sorted(params) == ["BatchNorm_0", "Conv_0", "Dense_0", "Embed_0"]
     assert all(not np.asarray(x).any() for x in jax.tree.leaves(zeros))
-    assert 0.5 < float(jg.grad_magnitude(noise)) < 1.5  # standard normal entries
+    assert 0.5 < float(jg.grad_rms(noise)) < 1.5  # standard normal entries
     # jaxgrad reductions agree with optax's on the gradient itself.
     np.testing.assert_allclose(float(jg.grad_norm(grads)), float(optax.tree.norm(grads)), rtol=1e-6)
     np.testing.assert_allclose(
-        float(jg.grad_magnitude(grads)),
+        float(jg.grad_rms(grads)),
         float(optax.tree.norm(grads)) / math.sqrt(size(grads)),
         rtol=1e-6,
     )
@@ -518,7 +518,7 @@ def test_linen_train_state_step_matches_optax_clipping():
         )
         if clip:
             grads, _ = clip_by_magnitude(grads, max_rms)
-        return state.apply_gradients(grads=grads, batch_stats=stats), loss, jg.grad_magnitude(grads)
+        return state.apply_gradients(grads=grads, batch_stats=stats), loss, jg.grad_rms(grads)
 
     step = jax.jit(step, static_argnames="clip")
     losses = []
@@ -621,7 +621,7 @@ def test_clip_by_magnitude_equals_clip_by_global_norm(kind, max_rms):
     got, rms = jax.jit(clip_by_magnitude)(grads, max_rms)
     assert_same_layout(got, want)
     assert_trees_close(got, want, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(float(jg.grad_magnitude(got)), min(max_rms, float(rms)), rtol=1e-5)
+    np.testing.assert_allclose(float(jg.grad_rms(got)), min(max_rms, float(rms)), rtol=1e-5)
 
 
 def test_clip_by_magnitude_keeps_a_zero_gradient_and_its_derivative_finite():
@@ -633,5 +633,5 @@ def test_clip_by_magnitude_keeps_a_zero_gradient_and_its_derivative_finite():
         not np.asarray(x).any() and np.isfinite(np.asarray(x)).all()
         for x in jax.tree.leaves(clipped)
     )
-    derivative = jax.grad(lambda g: jg.grad_magnitude(g))(zeros)
+    derivative = jax.grad(lambda g: jg.grad_rms(g))(zeros)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(derivative))

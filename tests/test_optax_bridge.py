@@ -36,7 +36,7 @@ def test_clip_with_stats_matches_clip_by_global_norm_in_a_chain(max_norm):
 
     p1, p2, state, norms = steps(params)
     chex.assert_trees_all_close(p1, p2, rtol=1e-6)  # the norms agree to float32 rounding
-    assert isinstance(state[0], jg.GradStats)
+    assert isinstance(state[0], jg.ClipStats)
     np.testing.assert_allclose(norms, [jg.grad_norm(g) for g in grads], rtol=1e-6)
     assert bool(state[0].clipped) is bool(jg.grad_norm(grads[-1]) > max_norm)
 
@@ -47,7 +47,7 @@ def test_init_state_has_the_update_state_structure_for_scan():
     state = tx.init(params)
     chex.assert_trees_all_equal(
         state,
-        jg.GradStats(
+        jg.ClipStats(
             jnp.float32(0), jnp.float32(0), jnp.float32(1), jnp.bool_(False), jnp.bool_(True)
         ),
     )

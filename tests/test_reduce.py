@@ -18,7 +18,7 @@ def _size(tree):
 # -- norm, magnitude, rms ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fn", [jg.grad_norm, jg.grad_magnitude, jg.grad_rms])
+@pytest.mark.parametrize("fn", [jg.grad_norm, jg.grad_rms, jg.grad_rms])
 def test_norms_match_numpy(fn, maybe_jit, tree_kind, dtype):
     tree = make_tree(tree_kind, dtype)
     entries = flat(tree)
@@ -41,14 +41,14 @@ def test_norm_accumulates_float16_in_float32():
 
 def test_magnitude_is_true_rms_not_paysage_mean_of_means():
     g = jg.Gradient([jnp.full(1, 3.0)], [jnp.zeros(99)])
-    np.testing.assert_allclose(jg.grad_magnitude(g), np.sqrt(9.0 / 100))
+    np.testing.assert_allclose(jg.grad_rms(g), np.sqrt(9.0 / 100))
     paysage_style = np.sqrt((9.0 + 0.0) / 2)  # per-tensor mean squares, averaged over groups
-    assert not np.isclose(float(jg.grad_magnitude(g)), paysage_style)
+    assert not np.isclose(float(jg.grad_rms(g)), paysage_style)
 
 
 def test_rms_and_magnitude_are_the_same_value():
     tree = make_tree("nested", seed=5)
-    assert float(jg.grad_rms(tree)) == float(jg.grad_magnitude(tree))
+    assert float(jg.grad_rms(tree)) == float(jg.grad_rms(tree))
 
 
 def test_complex_leaves_use_abs_squared():
@@ -61,11 +61,11 @@ def test_float64_under_x64():
     with jax.enable_x64(True):
         tree = {"a": jnp.array([1e200, 1e200], jnp.float64), "b": jnp.ones(2, jnp.float32)}
         assert jg.grad_norm(tree).dtype == jnp.float64
-        assert jg.grad_magnitude(tree).dtype == jnp.float64
+        assert jg.grad_rms(tree).dtype == jnp.float64
         np.testing.assert_allclose(jg.grad_norm({"a": jnp.array([3.0, 4.0], jnp.float64)}), 5.0)
 
 
-@pytest.mark.parametrize("fn", [jg.grad_norm, jg.grad_magnitude, jg.grad_rms])
+@pytest.mark.parametrize("fn", [jg.grad_norm, jg.grad_rms, jg.grad_rms])
 @pytest.mark.parametrize("tree_kind", ["dict", "nested", "gradient", "nnx_state"])
 def test_derivative_is_finite_at_zero(fn, tree_kind):
     zeros = jg.zero_grad(make_tree(tree_kind))
@@ -74,7 +74,7 @@ def test_derivative_is_finite_at_zero(fn, tree_kind):
     assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(d))
 
 
-@pytest.mark.parametrize("fn", [jg.grad_norm, jg.grad_magnitude])
+@pytest.mark.parametrize("fn", [jg.grad_norm, jg.grad_rms])
 def test_derivative_away_from_zero(fn):
     tree = make_tree("dict", seed=7)
     d = jax.grad(fn)(tree)
@@ -178,7 +178,7 @@ def test_normalize_of_empty_is_empty():
     assert jg.grad_normalize({}) == {}
 
 
-@pytest.mark.parametrize("fn", [jg.grad_norm, jg.grad_magnitude])
+@pytest.mark.parametrize("fn", [jg.grad_norm, jg.grad_rms])
 def test_norms_propagate_nan_and_inf(fn):
     assert bool(jnp.isnan(fn({"w": jnp.array([1.0, jnp.nan])})))
     assert float(fn({"w": jnp.array([1.0, -jnp.inf])})) == np.inf
@@ -211,7 +211,7 @@ def test_norm_scales_with_absolute_value(tree, c):
 @given(trees())
 def test_norm_magnitude_accumulate_agree(tree):
     n = _size(tree)
-    norm, rms = float(jg.grad_norm(tree)), float(jg.grad_magnitude(tree))
+    norm, rms = float(jg.grad_norm(tree)), float(jg.grad_rms(tree))
     np.testing.assert_allclose(rms * np.sqrt(n), norm, rtol=1e-4, atol=1e-4)
     sq = float(jg.grad_accumulate(lambda x: jnp.sum(x * x), tree))
     np.testing.assert_allclose(np.sqrt(sq), norm, rtol=1e-4, atol=1e-4)

@@ -27,7 +27,7 @@ def test_stats_norm_and_magnitude_agree_with_float64_numpy_on_one_big_leaf():
     stats = jg.grad_stats({"embed": leaf})  # was 20% low: a sequential float32 sum
     np.testing.assert_allclose(jg.grad_norm(leaf), reference, rtol=1e-5)
     np.testing.assert_allclose(stats.norm, [reference, reference], rtol=1e-5)
-    np.testing.assert_allclose(jg.grad_magnitude(leaf), reference / np.sqrt(BIG), rtol=1e-5)
+    np.testing.assert_allclose(jg.grad_rms(leaf), reference / np.sqrt(BIG), rtol=1e-5)
     np.testing.assert_allclose(stats.rms, reference / np.sqrt(BIG), rtol=1e-5)
 
 
@@ -40,13 +40,13 @@ def test_stats_of_ones_big_leaf_are_exact():
 def test_entry_counts_beyond_int32_are_exact():
     n = 2**31 + 8  # was OverflowError (magnitude) and a NaN RMS (stats)
     spec = {"w": jax.ShapeDtypeStruct((n,), jnp.float32)}
-    assert jax.eval_shape(jg.grad_magnitude, spec).dtype == jnp.float32
+    assert jax.eval_shape(jg.grad_rms, spec).dtype == jnp.float32
     assert jax.eval_shape(jg.grad_stats, spec).nonfinite.dtype != jnp.int32
 
     @jax.jit
     def broadcast():  # a 2**31-entry leaf that XLA never materializes
         leaf = jnp.broadcast_to(jnp.float32(2.0), (n,))
-        return jg.grad_magnitude(leaf), jg.grad_stats({"w": leaf}).rms
+        return jg.grad_rms(leaf), jg.grad_stats({"w": leaf}).rms
 
     magnitude, rms = broadcast()
     np.testing.assert_allclose(magnitude, 2.0, rtol=1e-6)
@@ -74,7 +74,7 @@ def test_finite_inputs_whose_squares_overflow_get_finite_correct_results(dtype):
     x = np.concatenate([np.asarray(v.astype(jnp.float32), np.float64) for v in jax.tree.leaves(g)])
     norm = np.linalg.norm(x)  # was inf
     np.testing.assert_allclose(jg.grad_norm(g), norm, rtol=1e-6)
-    np.testing.assert_allclose(jg.grad_magnitude(g), norm / np.sqrt(x.size), rtol=1e-6)
+    np.testing.assert_allclose(jg.grad_rms(g), norm / np.sqrt(x.size), rtol=1e-6)
     normalized = jg.grad_normalize(g)  # was zeros
     np.testing.assert_allclose(jg.grad_norm(normalized), 1.0, rtol=1e-2)
     clipped, stats = jg.grad_clip(g, 1.0, by="leaf")
@@ -132,10 +132,10 @@ BAD_LEAVES = {
 
 GRAD_FUNCTIONS = {
     "grad_norm": jg.grad_norm,
-    "grad_magnitude": jg.grad_magnitude,
+    "grad_rms": jg.grad_rms,
     "grad_normalize": jg.grad_normalize,
     "grad_clip": lambda g: jg.grad_clip(g, 1.0),
-    "grad_clip_by_magnitude": lambda g: jg.grad_clip_by_magnitude(g, 1.0),
+    "grad_clip_by_rms": lambda g: jg.grad_clip_by_rms(g, 1.0),
     "grad_stats": jg.grad_stats,
     "grad_all_finite": jg.grad_all_finite,
     "grad_nonfinite_report": jg.grad_nonfinite_report,
@@ -154,7 +154,7 @@ def test_every_whole_gradient_function_names_the_bad_leaf(fn, leaf):
 
 @pytest.mark.parametrize(
     "fn",
-    [jg.grad_clip, jg.grad_clip_by_magnitude, jg.grad_normalize],
+    [jg.grad_clip, jg.grad_clip_by_rms, jg.grad_normalize],
     ids=["clip", "clip_by_magnitude", "normalize"],
 )
 def test_rewriting_functions_refuse_integer_leaves_by_key_path(fn):

@@ -200,7 +200,7 @@ def plot_results(
     samples of each model (`rbm.sample`: Gibbs chains from coin flips), as the
     probability of each pixel. Bottom left: after each epoch, the exact log-likelihood
     (solid, where it is computed, with its best epoch starred) and the
-    pseudo-log-likelihood (dashed). Bottom right: `jaxgrad.grad_magnitude` of every
+    pseudo-log-likelihood (dashed). Bottom right: `jaxgrad.grad_rms` of every
     training step of the models that record it.
 
     Args:

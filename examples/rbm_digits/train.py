@@ -121,12 +121,12 @@ def train_step(
         k: the number of Gibbs steps (static: each value compiles once).
 
     Returns:
-        The new parameters, the new ADAM state, and `jaxgrad.grad_magnitude` of the CD
+        The new parameters, the new ADAM state, and `jaxgrad.grad_rms` of the CD
         gradient.
     """
     grad = rbm.cd_gradient(params, batch, key, k)
     params, state = adam_update(params, grad, state, lr=lr)
-    return params, state, jaxgrad.grad_magnitude(grad)
+    return params, state, jaxgrad.grad_rms(grad)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "k"))
@@ -175,7 +175,7 @@ class EpochStats:
         epoch: the epoch number, from 1.
         pseudo_log_likelihood: `rbm.pseudo_log_likelihood` of the evaluation data (nats).
         reconstruction_error: `rbm.reconstruction_error` of the evaluation data.
-        grad_magnitude: the mean over the epoch's steps of `jaxgrad.grad_magnitude` of
+        grad_magnitude: the mean over the epoch's steps of `jaxgrad.grad_rms` of
             the CD gradient; `None` for scikit-learn, which does not expose it.
         log_likelihood: the exact mean log-likelihood of the evaluation data, in nats,
             where `rbm.is_enumerable`; else `None`.
@@ -195,7 +195,7 @@ class TrainResult:
     Attributes:
         params: the trained RBM parameters, laid out as by `rbm.init_params`.
         history: the metrics of each epoch, in order.
-        grad_magnitudes: `jaxgrad.grad_magnitude` of the CD gradient of every training
+        grad_magnitudes: `jaxgrad.grad_rms` of the CD gradient of every training
             step, in order (empty for scikit-learn).
         train_seconds: the wall time of the training steps, evaluation excluded (for
             jaxgrad, compilation excluded too).

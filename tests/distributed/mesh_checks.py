@@ -427,7 +427,6 @@ def accumulate_sum(g: Any, axis_name: Any = None) -> Any:
 
 REDUCTIONS: dict[str, Callable[..., Any]] = {
     "grad_norm": jg.grad_norm,
-    "grad_magnitude": jg.grad_magnitude,
     "grad_rms": jg.grad_rms,
     "grad_accumulate": accumulate_sum,
 }
@@ -437,7 +436,6 @@ def numpy_reductions(tree: Any) -> dict[str, float]:
     flat = flat64(tree)
     return {
         "grad_norm": float(np.sqrt(np.sum(flat**2))),
-        "grad_magnitude": float(np.sqrt(np.mean(flat**2))),
         "grad_rms": float(np.sqrt(np.mean(flat**2))),
         "grad_accumulate": float(np.sum(flat)),
     }
