@@ -399,3 +399,27 @@ def check_decay(decay: Any) -> Any:
             f"got {decay!r}."
         )
     return number
+
+
+def checked_call(
+    kernel: Any, name: str, grad: PyTree, *args: Any, inexact: bool = False, **static: Any
+) -> Any:
+    """The front door of a whole-gradient op: `kernel(grad, *args, **static)`, house errors.
+
+    `grad` may be an `nnx.Module` (its Params are used). The kernel is a `jax.jit` function
+    that checks its own leaves at trace time (`check_array_leaves` on the traced leaves'
+    dtypes), so a repeated eager call with the same tree structure, shapes and dtypes
+    costs one compiled dispatch and no Python walk of the leaves. A leaf that `jax.jit`
+    itself refuses (a string, an object) is diagnosed after the failure, by the same
+    check on the concrete leaves, and reported with its key path; nothing is retried.
+    """
+    check_axis_name(static.get("axis_name"), optional=True)
+    grad = nnx_params(grad)
+    try:
+        return kernel(grad, *args, **static)
+    except (TypeError, ValueError):
+        try:
+            check_array_leaves(name, grad, inexact=inexact)
+        except (TypeError, ValueError) as house:
+            raise house from None
+        raise

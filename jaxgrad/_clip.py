@@ -7,11 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._checks import check_array_leaves, check_axis_name, check_bound, nnx_params
-from ._naming import By, Groups, resolve_groups
-from ._numerics import AxisName, accumulation_dtype, may_pack, tree_leaves
-from ._numerics import rms as root_mean_square
-from ._stats import GroupStats
+from ._checks import check_array_leaves, check_bound, checked_call, nnx_params
+from ._naming import By, Groups
+from ._numerics import AxisName, Root, accumulation_dtype, computed_once, tree_leaves
+from ._stats import GroupStats, groups_of, static_by
 from ._stats import measure as measure_groups
 from ._typing import Array, ArrayLike, PyTree
 
@@ -93,44 +92,47 @@ def _work_dtype(dtype: Any, acc: np.dtype) -> Any:
     return acc
 
 
-@functools.partial(jax.jit, static_argnames=("measure", "groups", "axis_name", "pack"))
+@functools.partial(jax.jit, static_argnames=("measure", "by", "axis_name", "pack"))
 def _clip(
     grad: PyTree,
     bound: Any,
     *,
     measure: str,
-    groups: Groups | None,
+    by: str | Groups | None,
     axis_name: AxisName,
-    pack: bool,
+    pack: bool = True,
 ) -> tuple[PyTree, ClipStats]:
+    check_array_leaves("grad", grad, inexact=True)
     leaves = tree_leaves(grad)
     acc = accumulation_dtype(x.dtype for x in leaves)
     bound = jnp.asarray(bound).astype(acc)
-    entries = sum(x.size for x in leaves)
-
-    def decide(norm: Array) -> tuple[Array, ...]:
-        """Every scalar the leaves need, computed once (inside the norms' conditional)."""
-        norm = norm.astype(acc)
-        rms = root_mean_square(norm, entries, axis_name)
-        value = norm if measure == "norm" else rms
-        finite = jnp.isfinite(norm)
-        over = finite & (value > bound)
-        divisor = jnp.where(over, value, 1)  # never 0 where used: no NaN in derivatives
-        scale = jnp.where(over, bound / divisor, 1)
-        return norm, rms, finite, over, divisor, scale
-
-    decided, group_stats = measure_groups(leaves, groups, axis_name, pack, decide)
-    norm, rms, finite, over, divisor, scale = decided
+    groups = None if by is None else groups_of(grad, by)
+    found, group_stats = measure_groups(leaves, groups, axis_name, pack)
+    norm = Root(found.roots[0].root[0], found.roots[0].down[0])
+    sqrt_n = np.sqrt(max(float(found.entries[0][0]), 1.0))
+    rms_root = norm.root / jnp.asarray(sqrt_n, acc)
+    value = norm.root if measure == "norm" else rms_root  # the measure is value / down
+    finite = found.finite if found.finite is not None else jnp.isfinite(norm.root)
+    # value / down > bound, with both sides scaled by `down` (a power of two): no overflow.
+    over = finite & (value > bound * norm.down)
+    divisor = jnp.where(over, value, 1)  # never 0 where used: no NaN in derivatives
+    over, down, divisor, bound = computed_once((over, norm.down, divisor, bound))
 
     def rescale(x: Any) -> Array:
         x = jnp.asarray(x)
         work = _work_dtype(x.dtype, acc)
-        # (x / value) * bound in this order, as optax.clip_by_global_norm computes it.
-        clipped = ((x.astype(work) / divisor.astype(work)) * bound.astype(work)).astype(x.dtype)
-        return jnp.where(over, clipped, x)
+        # x / measure * bound in this order, as optax.clip_by_global_norm computes it,
+        # with x / measure as (x * down) / value (exact where the measure overflows).
+        scaled = (x.astype(work) * down.astype(work)) / divisor.astype(work)
+        return jnp.where(over, (scaled * bound.astype(work)).astype(x.dtype), x)
 
     stats = ClipStats(
-        norm=norm, rms=rms, scale=scale, clipped=scale < 1, finite=finite, groups=group_stats
+        norm=norm.norm,
+        rms=rms_root / norm.down,
+        scale=jnp.where(over, (bound * down) / divisor, 1),
+        clipped=over,
+        finite=finite,
+        groups=group_stats,
     )
     return jax.tree.map(rescale, grad), stats
 
@@ -200,12 +202,10 @@ def grad_clip(
 def _checked_clip(
     grad: PyTree, bound: Any, measure: str, by: By, axis_name: AxisName
 ) -> tuple[PyTree, ClipStats]:
-    grad = nnx_params(grad)
-    check_array_leaves("grad", grad, inexact=True)
-    check_axis_name(axis_name, optional=True)
-    groups = None if by is None else resolve_groups(grad, by)
-    pack = may_pack(grad, axis_name)
-    return _clip(grad, bound, measure=measure, groups=groups, axis_name=axis_name, pack=pack)
+    static = static_by(nnx_params(grad), by)
+    return checked_call(
+        _clip, "grad", grad, bound, inexact=True, measure=measure, by=static, axis_name=axis_name
+    )
 
 
 def grad_clip_by_rms(

@@ -12,35 +12,25 @@ import numpy as np
 
 from ._checks import (
     check_array_leaves,
-    check_axis_name,
     check_same_shapes,
     check_same_structure,
+    checked_call,
     describe_leaf,
     nnx_params,
     where,
 )
 from ._naming import leaf_names
-from ._numerics import (
-    AxisName,
-    accumulation_dtype,
-    count_dtype,
-    count_nonfinite,
-    from_global_norm,
-    global_norm,
-    layout,
-    magnitudes,
-    may_pack,
-    per_leaf,
-    psum,
-    rows,
-    tree_leaves,
-)
+from ._numerics import AxisName, Segments, computed_once, reduce_tree, tree_leaves
 from ._typing import Array, ArrayLike, PyTree
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name", "pack"))
-def _all_finite(grad: PyTree, *, axis_name: AxisName, pack: bool) -> Array:
-    return jnp.isfinite(global_norm(tree_leaves(grad), axis_name=axis_name, pack=pack))
+def _all_finite(grad: PyTree, *, axis_name: AxisName, pack: bool = True) -> Array:
+    check_array_leaves("grad", grad)
+    leaves = tree_leaves(grad)
+    if not leaves:
+        return jnp.asarray(True)
+    return reduce_tree(leaves, axis_name=axis_name, pack=pack, norms=False, nonfinite=True).finite
 
 
 def grad_all_finite(grad: PyTree, *, axis_name: AxisName = None) -> Array:
@@ -68,10 +58,7 @@ def grad_all_finite(grad: PyTree, *, axis_name: AxisName = None) -> Array:
         >>> jaxgrad.grad_all_finite({})
         Array(True, dtype=bool)
     """
-    grad = nnx_params(grad)
-    check_array_leaves("grad", grad)
-    check_axis_name(axis_name, optional=True)
-    return _all_finite(grad, axis_name=axis_name, pack=may_pack(grad, axis_name))
+    return checked_call(_all_finite, "grad", grad, axis_name=axis_name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,15 +176,15 @@ jax.tree_util.register_dataclass(NonfiniteReport, data_fields=["counts"], meta_f
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name", "pack"))
-def _counts(grad: PyTree, *, axis_name: AxisName, pack: bool) -> Array:
+def _counts(grad: PyTree, *, axis_name: AxisName, pack: bool = True) -> Array:
+    check_array_leaves("grad", grad)
     leaves = tree_leaves(grad)
-    dtype = count_dtype(max((x.size for x in leaves), default=0))
-    if not leaves:
-        return jnp.zeros((0,), dtype)
-    acc = accumulation_dtype(x.dtype for x in leaves)
-    plan = layout(leaves, pack)
-    matrices = rows(magnitudes(leaves, acc), plan)
-    return psum(per_leaf(matrices, plan, lambda m: m, count_nonfinite(dtype)), axis_name)
+    each = Segments.each(len(leaves))
+    found = reduce_tree(
+        leaves, [each], axis_name=axis_name, pack=pack, norms=False, nonfinite=True
+    ).nonfinite
+    assert found is not None
+    return found[1]
 
 
 def grad_nonfinite_report(grad: PyTree, *, axis_name: AxisName = None) -> NonfiniteReport:
@@ -225,13 +212,8 @@ def grad_nonfinite_report(grad: PyTree, *, axis_name: AxisName = None) -> Nonfin
         >>> report.first_path()
         'weights/0'
     """
-    grad = nnx_params(grad)
-    check_array_leaves("grad", grad)
-    check_axis_name(axis_name, optional=True)
-    return NonfiniteReport(
-        counts=_counts(grad, axis_name=axis_name, pack=may_pack(grad, axis_name)),
-        paths=leaf_names(grad),
-    )
+    counts = checked_call(_counts, "grad", grad, axis_name=axis_name)
+    return NonfiniteReport(counts=counts, paths=leaf_names(nnx_params(grad)))
 
 
 def _fallback_leaves(grad: PyTree, fallback: Any) -> list[Any]:
@@ -257,10 +239,16 @@ def _fallback_leaves(grad: PyTree, fallback: Any) -> list[Any]:
 
 @functools.partial(jax.jit, static_argnames=("axis_name", "pack"))
 def _where_finite(
-    grad: PyTree, fallback_leaves: list[Any], *, axis_name: AxisName, pack: bool
+    grad: PyTree, fallback_leaves: list[Any], *, axis_name: AxisName, pack: bool = True
 ) -> PyTree:
+    check_array_leaves("grad", grad)
     leaves, treedef = jax.tree.flatten(grad)
-    ok = from_global_norm(tree_leaves(grad), jnp.isfinite, axis_name=axis_name, pack=pack)
+    ok = jnp.asarray(True)
+    if leaves:
+        found = reduce_tree(
+            tree_leaves(grad), axis_name=axis_name, pack=pack, norms=False, nonfinite=True
+        )
+        ok = computed_once(found.finite)
 
     def pick(x: Any, y: Any) -> Array:
         x = jnp.asarray(x)
@@ -306,7 +294,5 @@ def grad_where_finite(
     """
     grad = nnx_params(grad)
     check_array_leaves("grad", grad)
-    check_axis_name(axis_name, optional=True)
     fallback_leaves = _fallback_leaves(grad, fallback)
-    pack = may_pack(grad, axis_name)
-    return _where_finite(grad, fallback_leaves, axis_name=axis_name, pack=pack)
+    return checked_call(_where_finite, "grad", grad, fallback_leaves, axis_name=axis_name)

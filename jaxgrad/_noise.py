@@ -37,11 +37,7 @@ from ._numerics import (
     Segments,
     accumulation_dtype,
     axis_size,
-    layout,
-    magnitudes,
-    may_pack,
-    per_leaf,
-    rows,
+    reduce_tree,
     widen,
 )
 from ._typing import Array, ArrayLike, DTypeLike, PyTree
@@ -219,24 +215,20 @@ def _segments(groups: Groups, leaves: int) -> list[Segments]:
     return out
 
 
-def _square(m: Array) -> Array:
-    return m * m
-
-
 def squared_norms(
-    leaves: Sequence[Array], segments: Sequence[Segments], acc: np.dtype, pack: bool
+    leaves: Sequence[Array], segments: Sequence[Segments], acc: np.dtype, pack: bool = True
 ) -> Array:
-    """Sums of squares of the leaves per segment group, concatenated: one read of the leaves.
+    """Squared L2 norms of the leaves per segment group, concatenated: one read of the leaves.
 
-    Entries of narrower dtypes are squared in `acc` (float32, or float64 under x64).
-    Small leaves are packed together, as in the other whole-gradient reductions.
+    `segments[0]` is the whole gradient. The norms are those of the packed reduction
+    (exact for every finite input; squared, they overflow only where the square of the
+    norm is beyond the dtype's range).
     """
     count = sum(seg.groups for seg in segments)
     if not leaves:
         return jnp.zeros(count, acc)
-    plan = layout(leaves, pack)
-    sq = per_leaf(rows(magnitudes(leaves, acc), plan), plan, _square, jnp.sum)
-    return jnp.concatenate([seg.sum(sq) for seg in segments])
+    found = reduce_tree(leaves, segments[1:], pack=pack)
+    return jnp.concatenate([(n * n).astype(acc) for n in found.norms()])
 
 
 def estimates(
@@ -352,7 +344,7 @@ def grad_microbatch_noise(
     acc = accumulation_dtype([*(x.dtype for x in leaves_of), np.dtype(dtype)])
     segments = _segments(groups, len(leaves_of))
     names = ("", *(name for name, _ in groups))
-    pack = may_pack(params, axis_name)
+    pack = True
     sq_init = jnp.zeros(len(names), acc)
     if axis_name is not None or any(_vma(x) for x in jax.tree.leaves((params, batches))):
         init, sq_init = _varying_like_grads(
@@ -514,7 +506,7 @@ def grad_pmean_noise(
     acc = accumulation_dtype(x.dtype for x in leaves)
     segments = _segments(groups, len(leaves))
     names = ("", *(name for name, _ in groups))
-    pack = may_pack(grad, axis_name)
+    pack = True
     sq = squared_norms(leaves, segments, acc, pack)
     total, sq = jax.lax.psum(([widen(x) for x in leaves], sq), axis_name)
     wide = [t / replicas for t in total]

@@ -1,27 +1,48 @@
-"""Numerics shared by every whole-gradient reduction: dtypes, partial sums, norms, psum.
+"""Numerics shared by every whole-gradient reduction: dtypes, the packed reduction, psum.
 
-Cost model (see docs/performance.md). A whole-gradient op must compile to HLO that grows
-linearly with the number of leaves and read the gradient as few times as optax does:
+The one entry point is `reduce_tree`: every norm, RMS, clip, statistic, non-finite count
+and noise estimate of jaxgrad is computed by it. Its cost model (docs/performance.md):
 
-- Per-leaf partial results are computed on *packed* leaves: every leaf with at most
-  `PACK_LIMIT` entries is raveled, zero-padded to a power-of-two length and stacked
-  with the other small leaves of that length into one matrix, so a model's hundreds of
-  biases and norm scales cost a few row reductions, not hundreds of fusions (and
-  seconds of compilation, not a minute, at thousands of leaves). Larger leaves are
-  reduced one by one, as rows of length `size`. Every transform used is zero at zero,
-  so the padding changes nothing.
-- The global norms come out of one `lax.cond`: an ordinary gradient takes the plain
-  float32 sum of squares; only a gradient whose sum is not finite (a NaN or inf entry,
-  or squares beyond float32's range) runs the second branch, which sums the squares
-  again with every entry scaled down by a fixed power of two (so finite inputs always
-  get a finite, correct norm) and counts the non-finite entries. The conditional is
-  also a hard boundary for XLA's fusion: the O(leaves) chain of partial sums is
-  computed once, and each leaf's output fusion reads one scalar, as in optax's
-  `clip_by_global_norm`.
+- **Packing.** Per-leaf partial results are computed on packed leaves: every leaf of at
+  most `PACK_LIMIT` entries is raveled, zero-padded to a power-of-two length and stacked
+  with up to `PACK_ROWS - 1` other leaves of that padded length into one matrix, so that
+  a model's hundreds of biases and norm scales cost a few row reductions rather than
+  hundreds of fusions. Powers of two bound the padding (less than 2x) while keeping the
+  number of distinct lengths, hence of matrices, logarithmic in the largest leaf. Every
+  per-entry transform used maps 0 to 0 and every reduction has 0 as its identity (sums,
+  counts, maxima of non-negative values), so the padding changes no result. Larger
+  leaves are reduced one by one over all their axes, in place, whatever their sharding.
+- **One read, no conditional.** Sums of squares are exact for every finite input: each
+  piece gives three sibling sums read in one pass, of the squares of the entries as
+  they are, scaled down by `2**-DOWN` and scaled up by `2**UP`, and each group picks
+  afterwards, with a select, the first that is neither overflowed nor at risk of
+  underflow. The scaling works on the exponent bits (integer arithmetic), which XLA
+  cannot reassociate with the squaring (it rewrites `(x*c)*(x*c)` as `(x*x)*(c*c)` for a
+  known constant `c`, which overflows, and it constant-folds an optimization barrier
+  away). There is no `lax.cond`: XLA's GPU runtime would copy the predicate to the host
+  and wait for the stream in every step, and under `vmap` a conditional becomes a
+  select that runs both branches anyway.
+- **Scalars once.** The global scalars that every leaf's output reads (a clip scale, a
+  finite flag) pass through `computed_once` (an optimization barrier), so XLA computes
+  them once instead of fusing the chain of partial sums into every leaf's fusion.
+- **Shards.** With `axis_name`, only the leaves that vary along an axis are summed over
+  it; leaves that JAX's types say are invariant (replicated) are counted once. When the
+  types carry no variance information (`shard_map(check_vma=False)`, `pmap`) every leaf
+  is taken as a shard, the documented meaning of `axis_name`.
+
+Why the scales (float32; float64 in brackets): a sum of squares is trusted when it is
+finite and at least `2**-64` [`2**-600`]. Below that every entry is below `2**-32`
+[`2**-300`], so scaled up by `2**64` [`2**600`] its square is at most `2**64` and a sum of
+2**31 of them stays finite, while the smallest normal entry, `2**-126` [`2**-1022`],
+still has a normal square; above it, the squares lost to underflow (each below
+`2**-126`) are below one rounding error of the sum. A sum that overflowed is taken from
+the entries scaled down by `2**-80` [`2**-600`]: the largest float32, about `2**128`,
+becomes `2**48`, whose square times 2**31 entries is still finite.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -55,7 +76,10 @@ def accumulation_dtype(dtypes: Any) -> np.dtype:
 
 
 def count_dtype(entries: int) -> np.dtype:
-    """The dtype that counts up to `entries` exactly: int32, else int64 (x64) or float32."""
+    """The one rule for counters: int32 up to 2**31 - 1 entries, else int64 (x64) or float32.
+
+    `entries` is the number of entries that may be counted, over all shards.
+    """
     if entries < 2**31:
         return np.dtype(np.int32)
     wide = jax.dtypes.canonicalize_dtype(np.int64) == np.dtype(np.int64)  # x64 is on
@@ -83,9 +107,21 @@ def _safe_sqrt_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array
     return y, jnp.where(positive, dx / (2 * jnp.where(positive, y, 1)), 0)
 
 
+def computed_once(value: Any) -> Any:
+    """`value`, behind an optimization barrier: XLA computes it once, not in every fusion."""
+    return jax.lax.optimization_barrier(value)
+
+
 def psum(value: Any, axis_name: AxisName) -> Any:
     """`jax.lax.psum(value, axis_name)`, or `value` when `axis_name` is None."""
     return value if axis_name is None else jax.lax.psum(value, axis_name)
+
+
+def axis_names(axis_name: AxisName) -> tuple[str, ...]:
+    """`axis_name` as a tuple of names (empty for None)."""
+    if axis_name is None:
+        return ()
+    return (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
 
 
 def axis_size(axis_name: AxisName) -> int:
@@ -93,141 +129,229 @@ def axis_size(axis_name: AxisName) -> int:
     return 1 if axis_name is None else int(jax.lax.psum(1, axis_name))
 
 
-# Packed per-leaf reductions ----------------------------------------------------------
+def varying_axes(x: Any) -> frozenset[str]:
+    """The mesh axes along which `x` varies, from its type inside `shard_map(check_vma=True)`."""
+    if not hasattr(x, "dtype"):
+        return frozenset()
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(getattr(manual, "varying", None) or ())
+
+
+def shard_axes(leaves: Sequence[Any], axis_name: AxisName) -> list[tuple[str, ...]]:
+    """For each leaf, the axes of `axis_name` along which it is a shard (to be summed over).
+
+    Inside `shard_map(check_vma=True)` JAX's types say which leaves vary along which axes:
+    a leaf invariant along an axis is the same on every shard and counted once. Without
+    that information (`check_vma=False`, `pmap`, `vmap` with an axis name) every leaf is
+    a shard along every axis.
+    """
+    axes = axis_names(axis_name)
+    if not axes:
+        return [()] * len(leaves)
+    typed = all(a in varying_axes(jax.lax.axis_index(a)) for a in axes)
+    if not typed:
+        return [axes] * len(leaves)
+    return [tuple(a for a in axes if a in varying_axes(x)) for x in leaves]
+
+
+def tree_leaves(tree: PyTree) -> list[Array]:
+    """`jax.tree.leaves(tree)` as arrays."""
+    return [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+# Packing ------------------------------------------------------------------------------
+
+
+def _one_device() -> bool:
+    return jax.device_count() == 1
+
+
+def _packable(leaf: Array, local: bool) -> bool:
+    """Small, real, and packing it moves no data between devices.
+
+    On one device, and inside `shard_map`/`pmap` (`local`: the leaves are the device's
+    own), every small leaf packs. Otherwise a concrete array packs when it is on one
+    device or replicated, and a traced leaf when its type says it is not split over a
+    mesh axis (Explicit or Manual axes; under Auto axes a leaf's placement is not known,
+    so it is reduced where it is).
+    """
+    if leaf.size > PACK_LIMIT or jnp.iscomplexobj(leaf):
+        return False
+    if local or _one_device():
+        return True
+    if isinstance(leaf, Tracer):
+        sharding = getattr(jax.typeof(leaf), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        types = tuple(getattr(mesh, "axis_types", ()) or ())
+        known = (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Manual)
+        if not types or not all(t in known for t in types):
+            return False
+        explicit = {
+            name
+            for name, t in zip(mesh.axis_names, types, strict=True)  # type: ignore[union-attr]
+            if t == jax.sharding.AxisType.Explicit
+        }
+        spec = getattr(sharding, "spec", ()) or ()
+        used = {n for entry in spec if entry is not None for n in np.atleast_1d(entry)}
+        return not (used & explicit)
+    sharding = getattr(leaf, "sharding", None)
+    return sharding is None or len(sharding.device_set) == 1 or sharding.is_fully_replicated
+
+
+class Piece(NamedTuple):
+    """One unit of reduction: a packed matrix (`length` set) or a leaf alone (`None`)."""
+
+    length: int | None
+    leaves: tuple[int, ...]
+    axes: tuple[str, ...]
 
 
 class Layout(NamedTuple):
-    """Where each leaf goes: `(row length, leaf indices)` per piece, then the order.
+    """The pieces of a list of leaves, and the leaves' order within them."""
 
-    A piece with a row length packs its leaves into one matrix; a piece whose length is
-    `None` is one leaf reduced as it is. `inverse` puts the concatenated per-piece
-    results back in leaf order.
+    pieces: tuple[Piece, ...]
+    order: np.ndarray
+    """`order[k]` is the leaf index of the k-th entry of the pieces' concatenated results."""
+
+
+def layout(
+    leaves: Sequence[Array], axes: Sequence[tuple[str, ...]], pack: bool = True, local: bool = False
+) -> Layout:
+    """Pack small leaves by (padded length, shard axes); the others stay alone.
+
+    Leaves that are summed over different mesh axes never share a matrix, so that each
+    piece's results are summed over the axes of its own leaves only.
     """
-
-    pieces: tuple[tuple[int | None, tuple[int, ...]], ...]
-    inverse: np.ndarray
-
-
-def may_pack(tree: PyTree, axis_name: AxisName) -> bool:
-    """Whether small leaves may be packed together without moving data between devices.
-
-    Always on one device, and inside `shard_map`/`pmap` (`axis_name`: the leaves are
-    local). Otherwise only when every leaf is a concrete array on one device or fully
-    replicated: inside the user's `jax.jit` on several devices a leaf's placement is not
-    known, so leaves are reduced where they are.
-    """
-    if axis_name is not None or jax.device_count() == 1:
-        return True
-    for leaf in jax.tree.leaves(tree):
-        if isinstance(leaf, Tracer):
-            return False
-        sharding = getattr(leaf, "sharding", None)
-        if sharding is not None and not (
-            len(sharding.device_set) == 1 or sharding.is_fully_replicated
-        ):
-            return False
-    return True
-
-
-def _packable(leaf: Array) -> bool:
-    """Small, and not split over explicit mesh axes (whose data a reshape would move)."""
-    if leaf.size > PACK_LIMIT:
-        return False
-    typeof = getattr(jax, "typeof", None)
-    if typeof is None:
-        return True
-    spec = getattr(getattr(typeof(leaf), "sharding", None), "spec", ())
-    return all(entry is None for entry in spec)
-
-
-def layout(leaves: Sequence[Array], pack: bool = True) -> Layout:
-    """Pack small leaves by padded length (a power of two); others stay alone."""
-    buckets: dict[int, list[int]] = {}
-    alone: list[tuple[int | None, tuple[int, ...]]] = []
+    buckets: dict[tuple[int, tuple[str, ...]], list[int]] = {}
+    alone: list[Piece] = []
     for i, leaf in enumerate(leaves):
-        if pack and _packable(leaf):
-            buckets.setdefault(1 << max(leaf.size - 1, 0).bit_length(), []).append(i)
+        if pack and leaf.size and _packable(leaf, local):
+            length = 1 << max(leaf.size - 1, 0).bit_length()
+            buckets.setdefault((length, axes[i]), []).append(i)
         else:
-            alone.append((None, (i,)))
+            alone.append(Piece(None, (i,), axes[i]))
     pieces = [
-        (length, tuple(idx[start : start + PACK_ROWS]))
-        for length, idx in sorted(buckets.items())
+        Piece(length, tuple(idx[start : start + PACK_ROWS]), leaf_axes)
+        for (length, leaf_axes), idx in sorted(buckets.items())
         for start in range(0, len(idx), PACK_ROWS)
     ] + alone
-    order = np.array([i for _, idx in pieces for i in idx], dtype=np.int64)
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(order.size)
-    return Layout(tuple(pieces), inverse)
+    order = np.array([i for piece in pieces for i in piece.leaves], dtype=np.int64)
+    return Layout(tuple(pieces), order)
 
 
-def magnitudes(leaves: Sequence[Array], acc: np.dtype) -> list[Array]:
-    """Each leaf as real values in `acc`: `|x|` for complex leaves, `x` otherwise."""
-    return [
-        (jnp.abs(x) if jnp.iscomplexobj(x) else x).astype(acc) for x in map(jnp.asarray, leaves)
-    ]
+def _values(x: Array, acc: np.dtype) -> Array:
+    """The non-negative reals whose squares sum to `|x|**2`: `|x|`, or `|re|, |im|`."""
+    if jnp.iscomplexobj(x):
+        x = jnp.stack([x.real, x.imag])
+    return jnp.abs(x.astype(acc))
 
 
-def rows(values: Sequence[Array], plan: Layout) -> list[Array]:
-    """The pieces of `values` (from `magnitudes`): packed matrices, one row per small leaf.
-
-    A leaf that is alone in its piece stays as it is (any shape, any sharding): it is
-    reduced over all its axes, so no reshape has to move sharded data.
-    """
-    out = []
-    for length, idx in plan.pieces:
-        if length is None:
-            out.append(values[idx[0]])
-        else:
-            out.append(
-                jnp.stack([jnp.pad(values[i].ravel(), (0, length - values[i].size)) for i in idx])
-            )
-    return out
+def _piece_values(piece: Piece, values: Sequence[Array]) -> Array:
+    if piece.length is None:
+        return values[piece.leaves[0]]
+    return jnp.stack(
+        [jnp.pad(values[i].ravel(), (0, piece.length - values[i].size)) for i in piece.leaves]
+    )
 
 
-def per_leaf(
-    pieces: Sequence[Array],
-    plan: Layout,
-    transform: Callable[[Array], Array],
-    reduce: Callable[..., Array],
+def _reduce_piece(
+    piece: Piece, m: Array, transform: Callable[[Array], Array], reduce: Callable[..., Array]
 ) -> Array:
-    """`reduce(transform(leaf))` for every leaf, as one vector in leaf order.
+    """`reduce(transform(m))` per leaf of the piece: a vector of `len(piece.leaves)`."""
+    if piece.length is None:
+        return reduce(transform(m), axis=tuple(range(m.ndim))).reshape(1)
+    return reduce(transform(m), axis=1)
 
-    `transform` must map 0 to 0 (the padding) and `reduce` take `axis` (1 for a packed
-    matrix, all axes for a leaf alone).
+
+# Exact sums of squares ----------------------------------------------------------------
+
+
+class _Scales(NamedTuple):
+    int_dtype: Any
+    mantissa: int  # bits of the significand's fraction
+    down: int  # exponent removed when the plain sum overflowed
+    up: int  # exponent added when the plain sum may have underflowed
+    trusted: float  # smallest plain sum of squares taken as it is
+
+
+_SCALES = {
+    np.dtype(np.float32): _Scales(np.int32, 23, 80, 64, 2.0**-64),
+    np.dtype(np.float64): _Scales(np.int64, 52, 600, 600, 2.0**-600),
+}
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def scale_pow2(m: Array, k: int) -> Array:
+    """`m * 2**k` for non-negative `m`, by adding `k` to the exponent bits.
+
+    Integer arithmetic, so XLA cannot reassociate it with a squaring or fold it away.
+    Scaled down, results below the smallest normal number become 0; scaled up, zeros and
+    subnormal inputs stay 0 and results beyond the largest finite value saturate there.
+    NaN and inf are kept. The derivative is that of `m * 2**k`.
     """
-    if not plan.pieces:
-        return jnp.zeros((0,), pieces[0].dtype if pieces else jnp.float32)
-    parts = []
-    for piece, (length, _) in zip(pieces, plan.pieces, strict=True):
-        if length is None:
-            parts.append(reduce(transform(piece), axis=tuple(range(piece.ndim))).reshape(1))
-        else:
-            parts.append(reduce(transform(piece), axis=1))
-    out = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-    if np.array_equal(plan.inverse, np.arange(plan.inverse.size)):
-        return out
-    return out[plan.inverse]
+    spec = _SCALES[np.dtype(m.dtype)]
+    bits = jax.lax.bitcast_convert_type(m, spec.int_dtype)
+    special = jnp.asarray(np.asarray(np.inf, m.dtype).view(spec.int_dtype))
+    shift = jnp.asarray(abs(k) << spec.mantissa, spec.int_dtype)
+    if k < 0:
+        moved = jnp.maximum(bits - shift, 0)
+    else:
+        largest = jnp.asarray(np.asarray(np.finfo(m.dtype).max, m.dtype).view(spec.int_dtype))
+        normal = jnp.asarray(1 << spec.mantissa, spec.int_dtype)
+        moved = jnp.where(bits >= normal, jnp.minimum(bits, largest - shift) + shift, 0)
+    return jax.lax.bitcast_convert_type(jnp.where(bits >= special, bits, moved), m.dtype)
+
+
+@scale_pow2.defjvp
+def _scale_pow2_jvp(k: int, primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (m,), (dm,) = primals, tangents
+    return scale_pow2(m, k), dm * jnp.asarray(2.0**k, dm.dtype)
 
 
 def _square(m: Array) -> Array:
     return m * m
 
 
-def abs_max(m: Array, axis: Any) -> Array:
-    """The largest absolute value along `axis` (0 for none); NaN propagates."""
-    return jnp.max(jnp.abs(m), axis=axis, initial=0)
+def _abs_max(m: Array, axis: Any) -> Array:
+    return jnp.max(m, axis=axis, initial=0)
 
 
-def count_nonfinite(dtype: np.dtype) -> Callable[[Array, int], Array]:
-    """A `reduce` for `per_leaf`: the number of NaN and inf entries along `axis`, in `dtype`."""
+class Root(NamedTuple):
+    """A norm as `root / down`, with `root` in a safe range and `down` a power of two.
 
-    def count(m: Array, axis: int) -> Array:
-        return jnp.sum(~jnp.isfinite(m), axis=axis, dtype=dtype)
+    `norm` overflows to inf where the norm is beyond the dtype's range, but `root` and
+    `down` stay finite, so that ratios such as `bound / norm` or `norm / sqrt(N)` are
+    computed exactly as `(bound * down) / root` or `(root / sqrt(N)) / down`.
+    """
 
-    return count
+    root: Array
+    down: Array
+
+    @property
+    def norm(self) -> Array:
+        """The norm itself (inf beyond the dtype's range)."""
+        return self.root / self.down
 
 
-# Grouped norms with the overflow-safe branch -----------------------------------------
+def _pick(plain: Array, small: Array, large: Array, spec: _Scales) -> Root:
+    """Per group: the first trusted of the plain, scaled-down and scaled-up sums."""
+    dtype = plain.dtype
+    ordinary = jnp.isfinite(plain) & (plain >= spec.trusted)
+    overflowed = ~jnp.isfinite(plain)
+    root = jnp.where(
+        ordinary, safe_sqrt(plain), jnp.where(overflowed, safe_sqrt(small), safe_sqrt(large))
+    )
+    down = jnp.where(
+        ordinary,
+        jnp.ones((), dtype),
+        jnp.where(
+            overflowed, jnp.asarray(2.0**-spec.down, dtype), jnp.asarray(2.0**spec.up, dtype)
+        ),
+    )
+    return Root(root, down)
+
+
+# Groupings ------------------------------------------------------------------------------
 
 
 class Segments(NamedTuple):
@@ -242,6 +366,11 @@ class Segments(NamedTuple):
         return cls(np.zeros(leaves, np.int32), 1)
 
     @classmethod
+    def each(cls, leaves: int) -> Segments:
+        """One group per leaf, in order."""
+        return cls(np.arange(leaves, dtype=np.int32), leaves)
+
+    @classmethod
     def from_groups(cls, groups: Sequence[tuple[str, Sequence[int]]], leaves: int) -> Segments:
         """The user's groups (`(name, leaf indices)` each); leaves in none are left out."""
         ids = np.full(leaves, len(groups), np.int32)
@@ -249,29 +378,21 @@ class Segments(NamedTuple):
             ids[list(indices)] = g
         return cls(ids, len(groups))
 
-    def is_identity(self) -> bool:
-        """Whether every leaf is its own group, in order."""
-        return self.groups == self.ids.size and bool(
-            np.array_equal(self.ids, np.arange(self.ids.size))
-        )
-
-    def sum(self, values: Array) -> Array:
-        """Per-group sums of per-leaf `values`."""
-        if self.is_identity():
-            return values
-        if self.groups == 1 and not (self.ids != 0).any():
-            return jnp.sum(values, keepdims=True, dtype=values.dtype)
-        return jax.ops.segment_sum(values, self.ids, self.groups + 1)[: self.groups]
-
-    def max(self, values: Array) -> Array:
-        """Per-group maxima of per-leaf non-negative `values`; NaN propagates."""
-        if self.is_identity():
-            return values
-        out = []
-        for g in range(self.groups):
-            idx = np.flatnonzero(self.ids == g)
-            out.append(jnp.max(values[idx], initial=0) if idx.size else jnp.zeros((), values.dtype))
-        return jnp.stack(out) if out else jnp.zeros((0,), values.dtype)
+    def reduce(self, values: Array, leaves: np.ndarray, op: str) -> Array:
+        """Per-group `op` ("sum" or "max") of `values`, the results of the leaves `leaves`."""
+        ids = self.ids[leaves]
+        if self.groups == 0:
+            return jnp.zeros((0,), values.dtype)
+        if self.groups == 1 and (ids == 0).all():
+            if op == "sum":
+                return jnp.sum(values, keepdims=True, dtype=values.dtype)
+            return jnp.max(values, keepdims=True, initial=0)
+        if ids.size == self.groups and np.array_equal(np.sort(ids), np.arange(self.groups)):
+            return values[np.argsort(ids)]  # one leaf per group: a permutation
+        if op == "sum":
+            return jax.ops.segment_sum(values, ids, self.groups + 1)[: self.groups]
+        out = jax.ops.segment_max(values, ids, self.groups + 1)[: self.groups]
+        return jnp.maximum(out, 0)  # empty groups: 0, not -inf
 
     def sizes(self, leaf_sizes: Sequence[int]) -> np.ndarray:
         """Static entry counts per group."""
@@ -280,137 +401,185 @@ class Segments(NamedTuple):
         return counts[: self.groups]
 
 
-class Norms(NamedTuple):
-    """What `norms` computes: per segmentation, the group norms; non-finite counts; extra.
+# The packed reduction -------------------------------------------------------------------
 
-    `extra` is what the `epilogue` made of the norms, inside the conditional.
+
+class Reduced(NamedTuple):
+    """What `reduce_tree` computed; each list has one array per segmentation, whole first.
+
+    Attributes:
+        roots: the L2 norms of the groups, as `Root`s (`root / down`), exact for every
+            finite input; NaN or inf where an entry is.
+        entries: the static number of entries of each group, over all shards.
+        finite: whether every entry of the whole gradient is finite (0-d bool).
+        max_abs: the largest absolute entry of each group (NaN where an entry is NaN).
+        nonfinite: the number of NaN and inf entries of each group.
     """
 
-    norms: list[Array]
+    roots: list[Root]
+    entries: list[np.ndarray]
+    finite: Array | None
+    max_abs: list[Array] | None
     nonfinite: list[Array] | None
-    extra: Any = None
+
+    def norms(self) -> list[Array]:
+        """The group norms (inf beyond the dtype's range)."""
+        return [r.norm for r in self.roots]
+
+    def rms(self) -> list[Array]:
+        """The groups' root-mean-squares, exact even where the norm overflows; 0 for none."""
+        out = []
+        for r, n in zip(self.roots, self.entries, strict=True):
+            sqrt_n = np.sqrt(np.where(n > 0, n, 1).astype(np.float64))
+            out.append((r.root / jnp.asarray(sqrt_n, r.root.dtype)) / r.down)
+        return out
 
 
-def norms(
-    leaves: Sequence[Array],
-    segments: Sequence[Segments],
+def reduce_tree(
+    leaves: Sequence[Any],
+    segments: Sequence[Segments] = (),
     *,
     axis_name: AxisName = None,
-    nonfinite: bool = False,
     pack: bool = True,
-    matrices: list[Array] | None = None,
-    plan: Layout | None = None,
-    epilogue: Callable[[list[Array]], Any] | None = None,
-) -> Norms:
-    """L2 norms of groups of leaves, exact for every finite input; one read when ordinary.
+    norms: bool = True,
+    max_abs: bool = False,
+    nonfinite: bool = False,
+) -> Reduced:
+    """Norms, max-abs and non-finite counts of groups of leaves, in one read of the leaves.
 
-    `segments[0]` must hold every leaf (its total decides the branch). With
-    `nonfinite=True` the NaN/inf entries of each group are counted too (zeros without
-    reading the gradient again when the sum of squares is finite).
-
-    `epilogue(norms)` runs inside both branches and its result comes out of the
-    conditional as `extra`: the scalars that every leaf's output fusion reads (a scale,
-    a flag) are then computed once and passed in, never re-derived in each fusion.
+    The whole gradient is always the first segmentation; `segments` are the others (see
+    `Segments`). With `axis_name`, each leaf's partial results are summed (or maxed) over
+    the axes along which it is a shard (`shard_axes`), one collective per set of axes
+    and kind of reduction. See the module docstring for the invariants.
     """
     leaves = [jnp.asarray(x) for x in leaves]
     acc = accumulation_dtype(x.dtype for x in leaves)
-    sizes = [x.size for x in leaves]
-    plan = plan or layout(leaves, pack)
-    if matrices is None:
-        matrices = rows(magnitudes(leaves, acc), plan)
-    sq = per_leaf(matrices, plan, _square, jnp.sum)
-    sums = psum([seg.sum(sq) for seg in segments], axis_name)
-    counting = count_dtype(int(sum(sizes)) * axis_size(axis_name))
+    spec = _SCALES[acc]
+    segs = [Segments.whole(len(leaves)), *segments]
+    leaf_axes = shard_axes(leaves, axis_name)
+    shards = {a: int(np.prod([axis_size(n) for n in a], dtype=np.int64)) for a in set(leaf_axes)}
+    global_sizes = [x.size * shards[a] for x, a in zip(leaves, leaf_axes, strict=True)]
+    entries = [seg.sizes(global_sizes) for seg in segs]
+    counting = count_dtype(int(sum(global_sizes)))
 
-    def finish(result: Norms) -> Norms:
-        return result._replace(extra=None if epilogue is None else epilogue(result.norms))
+    plan = layout(leaves, leaf_axes, pack, local=axis_name is not None)
+    values = [_values(x, acc) for x in leaves]
+    sums: dict[str, list[Array]] = {}
+    maxima: list[Array] = []
+    classes: dict[tuple[str, ...], list[int]] = {}
+    for p, piece in enumerate(plan.pieces):
+        classes.setdefault(piece.axes, []).append(p)
 
-    def ordinary(matrices: list[Array]) -> Norms:
-        counts = [jnp.zeros(seg.groups, counting) for seg in segments] if nonfinite else None
-        return finish(Norms([safe_sqrt(s) for s in sums], counts))
+    def count(piece: Piece) -> Array:
+        if piece.length is None:
+            x = leaves[piece.leaves[0]]
+            return jnp.sum(~jnp.isfinite(x), dtype=counting).reshape(1)
+        m = _piece_values(piece, values)
+        return jnp.sum(~jnp.isfinite(m), axis=1, dtype=counting)
 
-    def rescued(matrices: list[Array]) -> Norms:
-        return finish(_rescued(matrices, plan, segments, sums, axis_name, nonfinite, counting))
+    def largest(piece: Piece, m: Array) -> Array:
+        x = leaves[piece.leaves[0]]
+        if piece.length is None and jnp.iscomplexobj(x):
+            return jnp.max(jnp.abs(x), initial=0).astype(acc).reshape(1)
+        return _reduce_piece(piece, m, lambda v: v, _abs_max)
 
-    if not leaves:
-        return ordinary(matrices)
-    return jax.lax.cond(jnp.isfinite(sums[0][0]), ordinary, rescued, matrices)
+    totals: dict[str, list[Array]] = {}
+    for axes, members in classes.items():
+        idx = np.concatenate([np.asarray(plan.pieces[p].leaves) for p in members])
+        per_leaf: dict[str, list[Array]] = {}
+        for p in members:
+            piece = plan.pieces[p]
+            m = _piece_values(piece, values)
+            if norms:
+                per_leaf.setdefault("plain", []).append(_reduce_piece(piece, m, _square, jnp.sum))
+                small = functools.partial(scale_pow2, k=-spec.down)
+                large = functools.partial(scale_pow2, k=spec.up)
+                per_leaf.setdefault("small", []).append(
+                    _reduce_piece(piece, m, lambda v, f=small: _square(f(v)), jnp.sum)
+                )
+                per_leaf.setdefault("large", []).append(
+                    _reduce_piece(piece, m, lambda v, f=large: _square(f(v)), jnp.sum)
+                )
+            if nonfinite:
+                per_leaf.setdefault("count", []).append(count(piece))
+            if max_abs:
+                per_leaf.setdefault("max", []).append(largest(piece, m))
+        grouped: dict[str, list[Array]] = {}
+        for name, parts in per_leaf.items():
+            vector = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+            op = "max" if name == "max" else "sum"
+            grouped[name] = [seg.reduce(vector, idx, op) for seg in segs]
+        summed = {k: v for k, v in grouped.items() if k != "max"}
+        if axes and summed:
+            summed = jax.lax.psum(summed, axes)
+        for name, groups in {**summed, **{k: v for k, v in grouped.items() if k == "max"}}.items():
+            if name not in totals:
+                totals[name] = groups
+            elif name == "max":
+                pairs = zip(totals[name], groups, strict=True)
+                totals[name] = [jnp.maximum(a, b) for a, b in pairs]
+            else:
+                totals[name] = [a + b for a, b in zip(totals[name], groups, strict=True)]
+    sums = totals
+    if "max" in totals and any(leaf_axes):
+        maxima = jax.lax.pmax(totals["max"], axis_names(axis_name))
+    else:
+        maxima = totals.get("max", [])
 
+    def zeros(dtype: Any) -> list[Array]:
+        return [jnp.zeros((seg.groups,), dtype) for seg in segs]
 
-def _rescued(
-    matrices: list[Array],
-    plan: Layout,
-    segments: Sequence[Segments],
-    sums: list[Array],
-    axis_name: AxisName,
-    nonfinite: bool,
-    counting: np.dtype,
-) -> Norms:
-    """The rare branch: the sums of squares again, every entry scaled down first.
-
-    A group whose plain sum of squares is not finite is summed again with each entry
-    scaled by a fixed power of two (`2**-80` in float32, `2**-600` in float64), so that no
-    square of a finite entry overflows.
-
-    Where the plain sum overflowed, the group's largest entries are beyond about 1e19, and
-    the entries that the scaling sends below the smallest normal number contribute less
-    than a rounding error: the result is exact to float32 rounding. NaN and inf entries
-    keep the group's norm NaN or inf. One more read of the gradient, on a bad step only.
-    """
-    exponent = 600 if matrices and matrices[0].dtype == np.dtype(np.float64) else 80
-
-    def scaled_square(m: Array) -> Array:
-        # The factor passes an optimization barrier: with a known constant c, XLA rewrites
-        # (m*c)*(m*c) as (m*m)*(c*c), which overflows (m*m) and underflows (c*c) to 0,
-        # giving NaN (tests/test_reliability.py pins it). ldexp would be exact too, but
-        # compiles to a dozen integer ops per leaf.
-        small = m * jax.lax.optimization_barrier(jnp.asarray(2.0**-exponent, m.dtype))
-        return small * small
-
-    scaled = per_leaf(matrices, plan, scaled_square, jnp.sum)
-    up = 2.0**exponent
-    rescaled = psum([seg.sum(scaled) for seg in segments], axis_name)
-    out = [
-        jnp.where(jnp.isfinite(plain), safe_sqrt(plain), safe_sqrt(small) * up)
-        for plain, small in zip(sums, rescaled, strict=True)
-    ]
+    roots: list[Root] = []
+    finite = None
+    if norms:
+        plain, small, large = (sums.get(k, zeros(acc)) for k in ("plain", "small", "large"))
+        roots = [_pick(*group, spec) for group in zip(plain, small, large, strict=True)]
+        finite = jnp.isfinite(small[0][0])
     counts = None
     if nonfinite:
-        bad = per_leaf(matrices, plan, lambda m: m, count_nonfinite(counting))
-        counts = psum([seg.sum(bad) for seg in segments], axis_name)
-    return Norms(out, counts)
+        counts = sums.get("count", zeros(counting))
+        finite = counts[0][0] == 0
+    return Reduced(
+        roots=roots,
+        entries=entries,
+        finite=finite,
+        max_abs=(maxima or zeros(acc)) if max_abs else None,
+        nonfinite=counts,
+    )
 
 
-def global_norm(leaves: Sequence[Array], *, axis_name: AxisName = None, pack: bool = True) -> Array:
-    """The L2 norm of all entries of `leaves` (0-d), exact for every finite input."""
-    return from_global_norm(leaves, lambda norm: norm, axis_name=axis_name, pack=pack)
-
-
-def from_global_norm(
-    leaves: Sequence[Array],
-    epilogue: Callable[[Array], Any],
+def per_leaf(
+    leaves: Sequence[Any],
+    transform: Callable[[Array], Array],
+    reduce: Callable[..., Array],
     *,
     axis_name: AxisName = None,
     pack: bool = True,
-) -> Any:
-    """`epilogue(global L2 norm)`, computed once inside the norms' conditional."""
-    segments = [Segments.whole(len(leaves))]
-    result = norms(
-        leaves,
-        segments,
-        axis_name=axis_name,
-        pack=pack,
-        epilogue=lambda found: epilogue(found[0][0]),
-    )
-    return result.extra
+) -> list[tuple[tuple[str, ...], Array]]:
+    """`reduce(transform(|leaf|))` of every leaf, on packed leaves, per set of shard axes.
+
+    For reductions other than the norms (`grad_norm(ord=1)`, `ord=inf`): returns, for each
+    set of shard axes, the vector of the results of its leaves (any order), so that the
+    caller combines them over those axes. `transform` must map 0 to 0 and `reduce` have
+    0 as its identity.
+    """
+    leaves = [jnp.asarray(x) for x in leaves]
+    acc = accumulation_dtype(x.dtype for x in leaves)
+    leaf_axes = shard_axes(leaves, axis_name)
+    plan = layout(leaves, leaf_axes, pack, local=axis_name is not None)
+    values = [_values(x, acc) for x in leaves]
+    out: dict[tuple[str, ...], list[Array]] = {}
+    for piece in plan.pieces:
+        x = leaves[piece.leaves[0]]
+        if piece.length is None and jnp.iscomplexobj(x):
+            m = jnp.abs(x).astype(acc)  # |x|, not its parts
+        else:
+            m = _piece_values(piece, values)
+        out.setdefault(piece.axes, []).append(_reduce_piece(piece, m, transform, reduce))
+    return [(axes, jnp.concatenate(parts)) for axes, parts in out.items()]
 
 
-def rms(norm: Array, entries: Any, axis_name: AxisName) -> Array:
-    """`norm / sqrt(N)`, with `N` the static entry count(s) over all shards; 0 for none."""
-    n = np.asarray(entries, np.float64) * axis_size(axis_name)
-    return norm / jnp.asarray(np.sqrt(np.where(n > 0, n, 1)), norm.dtype)
-
-
-def tree_leaves(tree: PyTree) -> list[Array]:
-    """`jax.tree.leaves(tree)` as arrays."""
-    return [jnp.asarray(x) for x in jax.tree.leaves(tree)]
+def global_norm(leaves: Sequence[Any], *, axis_name: AxisName = None, pack: bool = True) -> Root:
+    """The L2 norm of all entries of `leaves`, as a 0-d `Root`; exact for every finite input."""
+    root = reduce_tree(leaves, axis_name=axis_name, pack=pack).roots[0]
+    return Root(root.root[0], root.down[0])

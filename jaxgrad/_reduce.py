@@ -14,6 +14,7 @@ from ._checks import (
     check_axis_name,
     check_callable,
     check_donatable,
+    checked_call,
     describe_leaf,
     is_traced,
     nnx_params,
@@ -22,15 +23,11 @@ from ._checks import (
 from ._numerics import (
     AxisName,
     accumulation_dtype,
-    from_global_norm,
+    computed_once,
     global_norm,
-    layout,
-    magnitudes,
-    may_pack,
     per_leaf,
     psum,
-    rms,
-    rows,
+    reduce_tree,
     tree_leaves,
     widen,
 )
@@ -152,21 +149,33 @@ def _check_ord(ord: Any) -> str:
 
 
 @functools.partial(jax.jit, static_argnames=("ord", "squared", "axis_name", "pack"))
-def _norm(grad: PyTree, *, ord: str, squared: bool, axis_name: AxisName, pack: bool) -> Array:
+def _norm(
+    grad: PyTree, *, ord: str, squared: bool, axis_name: AxisName, pack: bool = True
+) -> Array:
+    check_array_leaves("grad", grad)
     leaves = tree_leaves(grad)
+    acc = accumulation_dtype(x.dtype for x in leaves)
     if ord == "2":
-        norm = global_norm(leaves, axis_name=axis_name, pack=pack)
+        norm = global_norm(leaves, axis_name=axis_name, pack=pack).norm
+    elif ord == "1":
+        norm = jnp.zeros((), acc)
+        for axes, values in per_leaf(leaves, _identity, jnp.sum, axis_name=axis_name, pack=pack):
+            norm = norm + psum(jnp.sum(values), axes or None)
     else:
-        acc = accumulation_dtype(x.dtype for x in leaves)
-        plan = layout(leaves, pack)
-        matrices = rows(magnitudes(leaves, acc), plan)
-        if ord == "1":
-            norm = psum(jnp.sum(per_leaf(matrices, plan, jnp.abs, jnp.sum)), axis_name)
-        else:
-            norm = jnp.max(per_leaf(matrices, plan, jnp.abs, jnp.max), initial=0)
-            if axis_name is not None:
-                norm = jax.lax.pmax(norm, axis_name)
+        norm = jnp.zeros((), acc)
+        for _, values in per_leaf(leaves, _identity, _max, axis_name=axis_name, pack=pack):
+            norm = jnp.maximum(norm, jnp.max(values, initial=0))
+        if axis_name is not None:
+            norm = jax.lax.pmax(norm, axis_name)
     return norm * norm if squared else norm
+
+
+def _identity(m: Array) -> Array:
+    return m
+
+
+def _max(m: Array, axis: Any) -> Array:
+    return jnp.max(m, axis=axis, initial=0)
 
 
 def grad_norm(
@@ -209,18 +218,14 @@ def grad_norm(
         >>> jaxgrad.grad_norm({"w": jnp.full(4, 1e20)})  # squares overflow float32
         Array(2.e+20, dtype=float32)
     """
-    grad = nnx_params(grad)
-    check_array_leaves("grad", grad)
-    check_axis_name(axis_name, optional=True)
-    pack = may_pack(grad, axis_name)
-    return _norm(grad, ord=_check_ord(ord), squared=bool(squared), axis_name=axis_name, pack=pack)
+    ord = _check_ord(ord)
+    return checked_call(_norm, "grad", grad, ord=ord, squared=bool(squared), axis_name=axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name", "pack"))
-def _magnitude(grad: PyTree, *, axis_name: AxisName, pack: bool) -> Array:
-    leaves = tree_leaves(grad)
-    norm = global_norm(leaves, axis_name=axis_name, pack=pack)
-    return rms(norm, sum(x.size for x in leaves), axis_name)
+def _magnitude(grad: PyTree, *, axis_name: AxisName, pack: bool = True) -> Array:
+    check_array_leaves("grad", grad)
+    return reduce_tree(tree_leaves(grad), axis_name=axis_name, pack=pack).rms()[0][0]
 
 
 def grad_rms(grad: PyTree, *, axis_name: AxisName = None) -> Array:
@@ -249,25 +254,23 @@ def grad_rms(grad: PyTree, *, axis_name: AxisName = None) -> Array:
         >>> jaxgrad.grad_rms(jaxgrad.Gradient([jnp.array([3.0, 4.0])], [jnp.zeros(2)]))
         Array(2.5, dtype=float32)
     """
-    grad = nnx_params(grad)
-    check_array_leaves("grad", grad)
-    check_axis_name(axis_name, optional=True)
-    return _magnitude(grad, axis_name=axis_name, pack=may_pack(grad, axis_name))
+    return checked_call(_magnitude, "grad", grad, axis_name=axis_name)
 
 
-def _inverse(norm: Array) -> Array:
-    nonzero = norm != 0
-    return jnp.where(nonzero, 1 / jnp.where(nonzero, norm, 1), 0)
-
-
-def _normalize(grad: PyTree, axis_name: AxisName, pack: bool) -> PyTree:
+def _normalize(grad: PyTree, axis_name: AxisName, pack: bool = True) -> PyTree:
+    check_array_leaves("grad", grad, inexact=True)
     leaves = tree_leaves(grad)
-    scale = from_global_norm(leaves, _inverse, axis_name=axis_name, pack=pack)
+    norm = global_norm(leaves, axis_name=axis_name, pack=pack)
+    nonzero = norm.root != 0
+    # x / norm as (x * down) / root: exact where 1 / norm would be subnormal (flushed to 0).
+    down, root = computed_once((norm.down, jnp.where(nonzero, norm.root, 1)))
 
     def rescale(x: Any) -> Array:
         x = jnp.asarray(x)
         wide = widen(x)
-        return (wide * scale.astype(wide.dtype)).astype(x.dtype)
+        work = wide.dtype if jnp.iscomplexobj(wide) else jnp.result_type(wide.dtype, root.dtype)
+        out = (wide.astype(work) * down.astype(work)) / root.astype(work)
+        return jnp.where(nonzero, out, 0).astype(x.dtype)
 
     return jax.tree.map(rescale, grad)
 
@@ -302,10 +305,7 @@ def grad_normalize(grad: PyTree, *, axis_name: AxisName = None) -> PyTree:
         >>> jaxgrad.grad_normalize({"w": jnp.array([3.0, 4.0])})
         {'w': Array([0.6, 0.8], dtype=float32)}
     """
-    grad = nnx_params(grad)
-    check_array_leaves("grad", grad, inexact=True)
-    check_axis_name(axis_name, optional=True)
-    return _normalize_jit(grad, axis_name=axis_name, pack=may_pack(grad, axis_name))
+    return checked_call(_normalize_jit, "grad", grad, inexact=True, axis_name=axis_name)
 
 
 def grad_normalize_(grad: PyTree, *, axis_name: AxisName = None, donate: bool = False) -> PyTree:
@@ -338,11 +338,8 @@ def grad_normalize_(grad: PyTree, *, axis_name: AxisName = None, donate: bool = 
         >>> g.layers[0].is_deleted()
         True
     """
-    grad = nnx_params(grad)
-    check_array_leaves("grad", grad, inexact=True)
-    check_axis_name(axis_name, optional=True)
-    pack = may_pack(grad, axis_name)
-    if donate and not is_traced(grad):
-        check_donatable("grad", grad)
-        return _normalize_donated(grad, axis_name=axis_name, pack=pack)
-    return _normalize_jit(grad, axis_name=axis_name, pack=pack)
+    kernel = _normalize_jit
+    if donate and not is_traced(nnx_params(grad)):
+        check_donatable("grad", nnx_params(grad))
+        kernel = _normalize_donated
+    return checked_call(kernel, "grad", grad, inexact=True, axis_name=axis_name)

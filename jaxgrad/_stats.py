@@ -4,30 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ._checks import check_array_leaves, check_axis_name, nnx_params
+from ._checks import check_array_leaves, checked_call, nnx_params
 from ._naming import By, Groups, logger_dict, resolve_groups
-from ._numerics import (
-    AxisName,
-    Layout,
-    Segments,
-    abs_max,
-    accumulation_dtype,
-    layout,
-    magnitudes,
-    may_pack,
-    norms,
-    per_leaf,
-    rms,
-    rows,
-    tree_leaves,
-)
+from ._numerics import AxisName, Reduced, Segments, reduce_tree, tree_leaves
 from ._typing import Array, PyTree
 
 
@@ -100,60 +84,52 @@ jax.tree_util.register_dataclass(
 
 
 def measure(
-    leaves: list[Array],
-    groups: Groups | None,
-    axis_name: AxisName,
-    pack: bool = True,
-    epilogue: Callable[[Array], Any] = lambda norm: norm,
-) -> tuple[Any, GroupStats | None]:
-    """`epilogue(global L2 norm)` and, for `groups`, the `GroupStats`: one read of the gradient.
+    leaves: list[Array], groups: Groups | None, axis_name: AxisName, pack: bool = True
+) -> tuple[Reduced, GroupStats | None]:
+    """The packed reduction of `leaves` and, for `groups`, their `GroupStats`: one read.
 
-    The per-leaf partial sums of squares, shared by the norm, the group norms and the
-    RMS, are computed once on packed leaves; max-abs takes a second reduction (fused
-    into the same kernel on GPU); non-finite entries are counted only when the sum of
-    squares is not finite; `epilogue` runs once, inside the norms' conditional (see
-    `_numerics.norms`).
+    Without groups only the norms are computed (the whole gradient's, for a clip); with
+    groups (`()` for the whole gradient alone) the max-abs and non-finite counts too.
     """
-    sizes = [x.size for x in leaves]
-    whole = Segments.whole(len(leaves))
-    on_global = lambda found: epilogue(found[0][0])  # noqa: E731
     if groups is None:
-        result = norms(leaves, [whole], axis_name=axis_name, pack=pack, epilogue=on_global)
-        return result.extra, None
-    acc = accumulation_dtype(x.dtype for x in leaves)
-    plan: Layout = layout(leaves, pack)
-    matrices = rows(magnitudes(leaves, acc), plan)
+        return reduce_tree(leaves, axis_name=axis_name, pack=pack), None
     user = Segments.from_groups(groups, len(leaves))
-    result = norms(
-        leaves,
-        [whole, user],
-        axis_name=axis_name,
-        nonfinite=True,
-        matrices=matrices,
-        plan=plan,
-        epilogue=on_global,
+    found = reduce_tree(
+        leaves, [user], axis_name=axis_name, pack=pack, max_abs=True, nonfinite=True
     )
-    assert result.nonfinite is not None
-    largest = per_leaf(matrices, plan, lambda m: m, abs_max)
-    max_abs = jnp.concatenate([whole.max(largest), user.max(largest)])
-    if axis_name is not None:
-        max_abs = jax.lax.pmax(max_abs, axis_name)
-    norm = jnp.concatenate(result.norms)
-    counts = np.concatenate([whole.sizes(sizes), user.sizes(sizes)])
+    assert found.max_abs is not None and found.nonfinite is not None
     stats = GroupStats(
-        norm=norm,
-        rms=rms(norm, counts, axis_name),
-        max_abs=max_abs,
-        nonfinite=jnp.concatenate(result.nonfinite),
+        norm=jnp.concatenate(found.norms()),
+        rms=jnp.concatenate(found.rms()),
+        max_abs=jnp.concatenate(found.max_abs),
+        nonfinite=jnp.concatenate(found.nonfinite),
         names=("", *(name for name, _ in groups)),
     )
-    return result.extra, stats
+    return found, stats
 
 
-@functools.partial(jax.jit, static_argnames=("groups", "axis_name", "pack"))
-def _stats(grad: PyTree, *, groups: Groups, axis_name: AxisName, pack: bool) -> GroupStats:
-    leaves = tree_leaves(grad)
-    stats = measure(leaves, groups, axis_name, pack)[1]
+def static_by(grad: PyTree, by: By) -> str | Groups | None:
+    """`by` as a static argument of a kernel.
+
+    A name is kept, and the groups are found at trace time, at no cost per call; a
+    callable is run now, as plain Python, and its groups passed on.
+    """
+    if by is None or by in ("leaf", "group", "module"):
+        return by  # type: ignore[return-value]
+    return resolve_groups(grad, by)
+
+
+def groups_of(grad: PyTree, by: str | Groups | None) -> Groups:
+    """The groups of a static `by` (see `static_by`)."""
+    return by if isinstance(by, tuple) else resolve_groups(grad, by)
+
+
+@functools.partial(jax.jit, static_argnames=("by", "axis_name", "pack"))
+def _stats(
+    grad: PyTree, *, by: str | Groups | None, axis_name: AxisName, pack: bool = True
+) -> GroupStats:
+    check_array_leaves("grad", grad)
+    stats = measure(tree_leaves(grad), groups_of(grad, by), axis_name, pack)[1]
     assert stats is not None
     return stats
 
@@ -209,8 +185,6 @@ def grad_stats(grad: PyTree, *, by: By = "leaf", axis_name: AxisName = None) -> 
         >>> logs["norm/layers/0"], logs["nonfinite"], logs["nonfinite/weights/0"]
         (5.0, 1, 1)
     """  # noqa: E501
-    grad = nnx_params(grad)
-    check_array_leaves("grad", grad)
-    check_axis_name(axis_name, optional=True)
-    groups = resolve_groups(grad, by)
-    return _stats(grad, groups=groups, axis_name=axis_name, pack=may_pack(grad, axis_name))
+    return checked_call(
+        _stats, "grad", grad, by=static_by(nnx_params(grad), by), axis_name=axis_name
+    )
