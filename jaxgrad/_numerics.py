@@ -451,6 +451,12 @@ def reduce_tree(
     `Segments`). With `axis_name`, each leaf's partial results are summed (or maxed) over
     the axes along which it is a shard (`shard_axes`), one collective per set of axes
     and kind of reduction. See the module docstring for the invariants.
+
+    On GPU and TPU the scaled sums (and the non-finite counts) are siblings of the plain
+    sum, read in the same pass, then selected: no conditional. On CPU, where XLA reads
+    each sibling reduction separately, they sit in a `lax.cond` that runs only when some
+    group's plain sum is not trusted (`jax.lax.platform_dependent` picks the form when
+    lowering); under `vmap` that conditional becomes a select and both sides run.
     """
     leaves = [jnp.asarray(x) for x in leaves]
     acc = accumulation_dtype(x.dtype for x in leaves)
@@ -461,91 +467,125 @@ def reduce_tree(
     global_sizes = [x.size * shards[a] for x, a in zip(leaves, leaf_axes, strict=True)]
     entries = [seg.sizes(global_sizes) for seg in segs]
     counting = count_dtype(int(sum(global_sizes)))
-
     plan = layout(leaves, leaf_axes, pack, local=axis_name is not None)
     values = [_values(x, acc) for x in leaves]
-    sums: dict[str, list[Array]] = {}
-    maxima: list[Array] = []
+    matrices = [_piece_values(piece, values) for piece in plan.pieces]
     classes: dict[tuple[str, ...], list[int]] = {}
     for p, piece in enumerate(plan.pieces):
         classes.setdefault(piece.axes, []).append(p)
 
-    def count(piece: Piece) -> Array:
+    def count(p: int) -> Array:
+        piece = plan.pieces[p]
         if piece.length is None:
-            x = leaves[piece.leaves[0]]
+            x = leaves[piece.leaves[0]]  # a complex entry counts once
             return jnp.sum(~jnp.isfinite(x), dtype=counting).reshape(1)
-        m = _piece_values(piece, values)
-        return jnp.sum(~jnp.isfinite(m), axis=1, dtype=counting)
+        return jnp.sum(~jnp.isfinite(matrices[p]), axis=1, dtype=counting)
 
-    def largest(piece: Piece, m: Array) -> Array:
+    def largest(p: int) -> Array:
+        piece = plan.pieces[p]
         x = leaves[piece.leaves[0]]
         if piece.length is None and jnp.iscomplexobj(x):
             return jnp.max(jnp.abs(x), initial=0).astype(acc).reshape(1)
-        return _reduce_piece(piece, m, lambda v: v, _abs_max)
+        return _reduce_piece(piece, matrices[p], _identity, _abs_max)
 
-    totals: dict[str, list[Array]] = {}
-    for axes, members in classes.items():
-        idx = np.concatenate([np.asarray(plan.pieces[p].leaves) for p in members])
-        per_leaf: dict[str, list[Array]] = {}
-        for p in members:
-            piece = plan.pieces[p]
-            m = _piece_values(piece, values)
-            if norms:
-                per_leaf.setdefault("plain", []).append(_reduce_piece(piece, m, _square, jnp.sum))
-                small = functools.partial(scale_pow2, k=-spec.down)
-                large = functools.partial(scale_pow2, k=spec.up)
-                per_leaf.setdefault("small", []).append(
-                    _reduce_piece(piece, m, lambda v, f=small: _square(f(v)), jnp.sum)
-                )
-                per_leaf.setdefault("large", []).append(
-                    _reduce_piece(piece, m, lambda v, f=large: _square(f(v)), jnp.sum)
-                )
-            if nonfinite:
-                per_leaf.setdefault("count", []).append(count(piece))
-            if max_abs:
-                per_leaf.setdefault("max", []).append(largest(piece, m))
-        grouped: dict[str, list[Array]] = {}
-        for name, parts in per_leaf.items():
-            vector = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-            op = "max" if name == "max" else "sum"
-            grouped[name] = [seg.reduce(vector, idx, op) for seg in segs]
-        summed = {k: v for k, v in grouped.items() if k != "max"}
-        if axes and summed:
-            summed = jax.lax.psum(summed, axes)
-        for name, groups in {**summed, **{k: v for k, v in grouped.items() if k == "max"}}.items():
-            if name not in totals:
-                totals[name] = groups
-            elif name == "max":
-                pairs = zip(totals[name], groups, strict=True)
-                totals[name] = [jnp.maximum(a, b) for a, b in pairs]
-            else:
-                totals[name] = [a + b for a, b in zip(totals[name], groups, strict=True)]
-    sums = totals
-    if "max" in totals and any(leaf_axes):
-        maxima = jax.lax.pmax(totals["max"], axis_names(axis_name))
+    def sum_of(transform: Callable[[Array], Array]) -> Callable[[int], Array]:
+        return lambda p: _reduce_piece(plan.pieces[p], matrices[p], transform, jnp.sum)
+
+    kinds: dict[str, Callable[[int], Array]] = {
+        "plain": sum_of(_square),
+        "small": sum_of(lambda v: _square(scale_pow2(v, -spec.down))),
+        "large": sum_of(lambda v: _square(scale_pow2(v, spec.up))),
+        "count": count,
+        "max": largest,
+    }
+
+    def grouped(names: Sequence[str]) -> dict[str, list[Array]]:
+        """Per-group results of the kinds `names`, combined over each leaf's shard axes."""
+        totals: dict[str, list[Array]] = {}
+        for axes, members in classes.items():
+            idx = np.concatenate([np.asarray(plan.pieces[p].leaves) for p in members])
+            found: dict[str, list[Array]] = {}
+            for name in names:
+                parts = [kinds[name](p) for p in members]
+                vector = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+                op = "max" if name == "max" else "sum"
+                found[name] = [seg.reduce(vector, idx, op) for seg in segs]
+            summed = {k: v for k, v in found.items() if k != "max"}
+            if axes and summed:
+                found.update(jax.lax.psum(summed, axes))
+            for name, groups in found.items():
+                if name not in totals:
+                    totals[name] = groups
+                elif name == "max":
+                    pairs = zip(totals[name], groups, strict=True)
+                    totals[name] = [jnp.maximum(a, b) for a, b in pairs]
+                else:
+                    totals[name] = [a + b for a, b in zip(totals[name], groups, strict=True)]
+        for name in names:
+            dtype = counting if name == "count" else acc
+            totals.setdefault(name, [jnp.zeros((seg.groups,), dtype) for seg in segs])
+        if "max" in totals and any(leaf_axes):
+            totals["max"] = jax.lax.pmax(totals["max"], axis_names(axis_name))
+        return totals
+
+    rare = ["small", "large"] + (["count"] if nonfinite else [])
+    ordinary = (["plain"] if norms else []) + (["max"] if max_abs else [])
+    if not norms:
+        ordinary += ["count"] if nonfinite else []
+        rare = []
+    if rare and plan.pieces:
+
+        def siblings() -> dict[str, list[Array]]:
+            return grouped(ordinary + rare)
+
+        def conditional() -> dict[str, list[Array]]:
+            found = grouped(ordinary)
+            # groups without entries (a static fact) never need the scaled sums
+            trusted = [
+                (jnp.isfinite(s) & (s >= spec.trusted))[n > 0]
+                for s, n in zip(found["plain"], entries, strict=True)
+            ]
+            need = ~jnp.all(jnp.concatenate(trusted))
+            skip = {
+                name: [
+                    jnp.zeros((seg.groups,), counting if name == "count" else acc) for seg in segs
+                ]
+                for name in rare
+            }
+            found.update(jax.lax.cond(need, lambda: grouped(rare), lambda: skip))
+            return found
+
+        totals = jax.lax.platform_dependent(cpu=conditional, default=siblings)
     else:
-        maxima = totals.get("max", [])
-
-    def zeros(dtype: Any) -> list[Array]:
-        return [jnp.zeros((seg.groups,), dtype) for seg in segs]
+        totals = grouped(ordinary + rare)
 
     roots: list[Root] = []
     finite = None
     if norms:
-        plain, small, large = (sums.get(k, zeros(acc)) for k in ("plain", "small", "large"))
-        roots = [_pick(*group, spec) for group in zip(plain, small, large, strict=True)]
-        finite = jnp.isfinite(small[0][0])
-    counts = None
-    if nonfinite:
-        counts = sums.get("count", zeros(counting))
-        finite = counts[0][0] == 0
+        parts = zip(totals["plain"], totals["small"], totals["large"], strict=True)
+        roots = [_pick(plain, small, large, spec) for plain, small, large in parts]
+        finite = jnp.isfinite(totals["small"][0][0])  # 0 when not needed: all finite
+    if nonfinite and not norms:
+        finite = totals["count"][0][0] == 0
+    maxima = None
+    if max_abs:
+        maxima = totals["max"]
+        if norms:  # NaN wherever a group holds one (XLA's max may skip it)
+            maxima = [
+                jnp.where(jnp.isnan(s), jnp.nan, m)
+                for s, m in zip(totals["plain"], maxima, strict=True)
+            ]
     return Reduced(
         roots=roots,
         entries=entries,
         finite=finite,
-        max_abs=(maxima or zeros(acc)) if max_abs else None,
-        nonfinite=counts,
+        max_abs=maxima,
+        nonfinite=totals["count"] if nonfinite else None,
     )
+
+
+def _identity(m: Array) -> Array:
+    return m
 
 
 def per_leaf(
