@@ -9,7 +9,14 @@ import numpy as np
 
 from ._checks import check_array_leaves, check_bound, checked_call, nnx_params
 from ._naming import By, Groups
-from ._numerics import AxisName, Root, accumulation_dtype, computed_once, tree_leaves
+from ._numerics import (
+    AxisName,
+    Root,
+    accumulation_dtype,
+    apply_factors,
+    scale_factors,
+    tree_leaves,
+)
 from ._stats import GroupStats, groups_of, static_by
 from ._stats import measure as measure_groups
 from ._typing import Array, ArrayLike, PyTree
@@ -85,13 +92,6 @@ class ClipStats(NamedTuple):
         return out
 
 
-def _work_dtype(dtype: Any, acc: np.dtype) -> Any:
-    """The dtype to scale a leaf in: its own if complex or at least as wide as `acc`."""
-    if jnp.issubdtype(dtype, jnp.complexfloating) or jnp.finfo(dtype).bits >= acc.itemsize * 8:
-        return dtype
-    return acc
-
-
 @functools.partial(jax.jit, static_argnames=("measure", "by", "axis_name", "pack"))
 def _clip(
     grad: PyTree,
@@ -108,28 +108,24 @@ def _clip(
     bound = jnp.asarray(bound).astype(acc)
     groups = None if by is None else groups_of(grad, by)
     found, group_stats = measure_groups(leaves, groups, axis_name, pack)
-    norm = Root(found.roots[0].root[0], found.roots[0].down[0])
+    norm = Root(found.roots[0].root[0], found.roots[0].up[0])
     sqrt_n = np.sqrt(max(float(found.entries[0][0]), 1.0))
-    rms_root = norm.root / jnp.asarray(sqrt_n, acc)
-    value = norm.root if measure == "norm" else rms_root  # the measure is value / down
+    rms = Root(norm.root / jnp.asarray(sqrt_n, acc), norm.up)
+    value = norm if measure == "norm" else rms
     finite = found.finite if found.finite is not None else jnp.isfinite(norm.root)
-    # value / down > bound, with both sides scaled by `down` (a power of two): no overflow.
-    over = finite & (value > bound * norm.down)
-    divisor = jnp.where(over, value, 1)  # never 0 where used: no NaN in derivatives
-    over, down, divisor, bound = computed_once((over, norm.down, divisor, bound))
+    # value.root * up > bound, compared as value.root > bound / up: no overflow.
+    over = finite & (value.root > bound / value.up)
+    factors = scale_factors(value, over, bound)
 
     def rescale(x: Any) -> Array:
-        x = jnp.asarray(x)
-        work = _work_dtype(x.dtype, acc)
-        # x / measure * bound in this order, as optax.clip_by_global_norm computes it,
-        # with x / measure as (x * down) / value (exact where the measure overflows).
-        scaled = (x.astype(work) * down.astype(work)) / divisor.astype(work)
-        return jnp.where(over, (scaled * bound.astype(work)).astype(x.dtype), x)
+        # x / measure * bound as optax.clip_by_global_norm scales (x / norm * max_norm),
+        # with x / measure as (x / up) / root: exact where the measure overflows.
+        return apply_factors(x, factors)
 
     stats = ClipStats(
         norm=norm.norm,
-        rms=rms_root / norm.down,
-        scale=jnp.where(over, (bound * down) / divisor, 1),
+        rms=rms.norm,
+        scale=jnp.where(over, (bound / value.up) / jnp.where(over, value.root, 1), 1),
         clipped=over,
         finite=finite,
         groups=group_stats,

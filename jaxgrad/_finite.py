@@ -20,7 +20,7 @@ from ._checks import (
     where,
 )
 from ._naming import leaf_names
-from ._numerics import AxisName, Segments, computed_once, reduce_tree, tree_leaves
+from ._numerics import AxisName, Segments, flag_once, reduce_tree, tree_leaves
 from ._typing import Array, ArrayLike, PyTree
 
 
@@ -248,7 +248,7 @@ def _where_finite(
         found = reduce_tree(
             tree_leaves(grad), axis_name=axis_name, pack=pack, norms=False, nonfinite=True
         )
-        ok = computed_once(found.finite)
+        ok = flag_once(found.finite) == 1  # computed once, not in every leaf's fusion
 
     def pick(x: Any, y: Any) -> Array:
         x = jnp.asarray(x)

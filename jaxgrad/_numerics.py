@@ -23,8 +23,11 @@ and noise estimate of jaxgrad is computed by it. Its cost model (docs/performanc
   and wait for the stream in every step, and under `vmap` a conditional becomes a
   select that runs both branches anyway.
 - **Scalars once.** The global scalars that every leaf's output reads (a clip scale, a
-  finite flag) pass through `computed_once` (an optimization barrier), so XLA computes
-  them once instead of fusing the chain of partial sums into every leaf's fusion.
+  finite flag) come out of a division (`scale_factors`, `flag_once`): XLA never
+  duplicates a division into the fusions that read it, so the chain of partial sums
+  behind it is computed once, not inside every leaf's fusion (it would duplicate a
+  select or a compare, and the whole chain with it; an optimization barrier does not
+  help, as XLA removes it before fusion).
 - **Shards.** With `axis_name`, only the leaves that vary along an axis are summed over
   it; leaves that JAX's types say are invariant (replicated) are counted once. When the
   types carry no variance information (`shard_map(check_vma=False)`, `pmap`) every leaf
@@ -105,11 +108,6 @@ def _safe_sqrt_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array
     y = jnp.sqrt(x)
     positive = x > 0
     return y, jnp.where(positive, dx / (2 * jnp.where(positive, y, 1)), 0)
-
-
-def computed_once(value: Any) -> Any:
-    """`value`, behind an optimization barrier: XLA computes it once, not in every fusion."""
-    return jax.lax.optimization_barrier(value)
 
 
 def psum(value: Any, axis_name: AxisName) -> Any:
@@ -240,10 +238,15 @@ def layout(
 
 
 def _values(x: Array, acc: np.dtype) -> Array:
-    """The non-negative reals whose squares sum to `|x|**2`: `|x|`, or `|re|, |im|`."""
+    """`x` in `acc`; a complex leaf as its real and imaginary parts.
+
+    The squares of the parts sum to `|x|**2`. Signs are kept: `abs` is applied to the
+    packed matrix, after the stacking, so that XLA keeps one matrix instead of splitting
+    it back into per-leaf reductions.
+    """
     if jnp.iscomplexobj(x):
         x = jnp.stack([x.real, x.imag])
-    return jnp.abs(x.astype(acc))
+    return x.astype(acc)
 
 
 def _piece_values(piece: Piece, values: Sequence[Array]) -> Array:
@@ -313,24 +316,24 @@ def _square(m: Array) -> Array:
 
 
 def _abs_max(m: Array, axis: Any) -> Array:
-    return jnp.max(m, axis=axis, initial=0)
+    return jnp.max(jnp.abs(m), axis=axis, initial=0)
 
 
 class Root(NamedTuple):
-    """A norm as `root / down`, with `root` in a safe range and `down` a power of two.
+    """A norm as `root * up`, with `root` in a safe range and `up` a power of two.
 
     `norm` overflows to inf where the norm is beyond the dtype's range, but `root` and
-    `down` stay finite, so that ratios such as `bound / norm` or `norm / sqrt(N)` are
-    computed exactly as `(bound * down) / root` or `(root / sqrt(N)) / down`.
+    `up` stay finite, so that ratios such as `x / norm` or `norm / sqrt(N)` are computed
+    exactly as `(x / up) / root` or `(root / sqrt(N)) * up`.
     """
 
     root: Array
-    down: Array
+    up: Array
 
     @property
     def norm(self) -> Array:
         """The norm itself (inf beyond the dtype's range)."""
-        return self.root / self.down
+        return self.root * self.up
 
 
 def _pick(plain: Array, small: Array, large: Array, spec: _Scales) -> Root:
@@ -341,14 +344,68 @@ def _pick(plain: Array, small: Array, large: Array, spec: _Scales) -> Root:
     root = jnp.where(
         ordinary, safe_sqrt(plain), jnp.where(overflowed, safe_sqrt(small), safe_sqrt(large))
     )
-    down = jnp.where(
+    up = jnp.where(
         ordinary,
         jnp.ones((), dtype),
         jnp.where(
-            overflowed, jnp.asarray(2.0**-spec.down, dtype), jnp.asarray(2.0**spec.up, dtype)
+            overflowed, jnp.asarray(2.0**spec.down, dtype), jnp.asarray(2.0**-spec.up, dtype)
         ),
     )
-    return Root(root, down)
+    return Root(root, up)
+
+
+class Factors(NamedTuple):
+    """What `scale_factors` gives every leaf: `x` becomes `(x * pre) * ratio` where `applied`."""
+
+    pre: Array
+    ratio: Array
+    applied: Array  # 1.0 where the factors apply, else 0.5 (see `flag_once`)
+
+
+def scale_factors(value: Root, where: Array, numerator: Array) -> Factors:
+    """The factors that turn `x` into `x / value * numerator` where `where` holds.
+
+    Elsewhere `x` comes back bit for bit (subnormal entries included, which a
+    multiplication by 1 would flush to 0). `x / value` is computed as `(x / up) / root`,
+    exact where `1 / value` would be subnormal. Every factor comes out of a division: XLA
+    never duplicates a division into the fusions that read it, so the chain of partial
+    sums behind them is computed once, not inside every leaf's fusion (it would
+    duplicate a select or a compare, and the whole chain with it; an optimization
+    barrier does not help, XLA removes it before fusion).
+    """
+    one = jnp.ones((), value.root.dtype)
+    pre = one / jnp.where(where, value.up, one)
+    ratio = jnp.where(where, numerator.astype(one.dtype), one) / jnp.where(where, value.root, one)
+    return Factors(pre, ratio, flag_once(where))
+
+
+def apply_factors(x: Array, factors: Factors) -> Array:
+    """`(x * pre) * ratio` where the factors apply, else `x`; in `x`'s dtype.
+
+    Computed in float32 (or wider) for 16-bit floats; complex leaves have their real and
+    imaginary parts scaled alike.
+    """
+    x = jnp.asarray(x)
+    pre, ratio = factors.pre, factors.ratio
+
+    def scale(part: Array) -> Array:
+        work = part.dtype
+        if jnp.finfo(part.dtype).bits < pre.dtype.itemsize * 8:
+            work = pre.dtype
+        return ((part.astype(work) * pre.astype(work)) * ratio.astype(work)).astype(part.dtype)
+
+    out = jax.lax.complex(scale(x.real), scale(x.imag)) if jnp.iscomplexobj(x) else scale(x)
+    return jnp.where(factors.applied == 1, out, x)
+
+
+def flag_once(flag: Array) -> Array:
+    """`flag` as a float scalar out of a division (`1.0` where true, `0.5` where false).
+
+    Read `flag_once(f) == 1` in a per-leaf fusion: the division is computed once and the
+    chain behind it is not duplicated into every leaf's fusion (see `scale_factors`).
+    """
+    one = jnp.ones((), jnp.float32)
+    return one / jnp.where(flag, one, 2 * one)
 
 
 # Groupings ------------------------------------------------------------------------------
@@ -408,7 +465,7 @@ class Reduced(NamedTuple):
     """What `reduce_tree` computed; each list has one array per segmentation, whole first.
 
     Attributes:
-        roots: the L2 norms of the groups, as `Root`s (`root / down`), exact for every
+        roots: the L2 norms of the groups, as `Root`s (`root * up`), exact for every
             finite input; NaN or inf where an entry is.
         entries: the static number of entries of each group, over all shards.
         finite: whether every entry of the whole gradient is finite (0-d bool).
@@ -431,7 +488,7 @@ class Reduced(NamedTuple):
         out = []
         for r, n in zip(self.roots, self.entries, strict=True):
             sqrt_n = np.sqrt(np.where(n > 0, n, 1).astype(np.float64))
-            out.append((r.root / jnp.asarray(sqrt_n, r.root.dtype)) / r.down)
+            out.append((r.root / jnp.asarray(sqrt_n, r.root.dtype)) * r.up)
         return out
 
 
@@ -493,8 +550,8 @@ def reduce_tree(
 
     kinds: dict[str, Callable[[int], Array]] = {
         "plain": sum_of(_square),
-        "small": sum_of(lambda v: _square(scale_pow2(v, -spec.down))),
-        "large": sum_of(lambda v: _square(scale_pow2(v, spec.up))),
+        "small": sum_of(lambda v: _square(scale_pow2(jnp.abs(v), -spec.down))),
+        "large": sum_of(lambda v: _square(scale_pow2(jnp.abs(v), spec.up))),
         "count": count,
         "max": largest,
     }
@@ -596,7 +653,7 @@ def per_leaf(
     axis_name: AxisName = None,
     pack: bool = True,
 ) -> list[tuple[tuple[str, ...], Array]]:
-    """`reduce(transform(|leaf|))` of every leaf, on packed leaves, per set of shard axes.
+    """`reduce(transform(leaf))` of every leaf, on packed leaves, per set of shard axes.
 
     For reductions other than the norms (`grad_norm(ord=1)`, `ord=inf`): returns, for each
     set of shard axes, the vector of the results of its leaves (any order), so that the
@@ -612,7 +669,7 @@ def per_leaf(
     for piece in plan.pieces:
         x = leaves[piece.leaves[0]]
         if piece.length is None and jnp.iscomplexobj(x):
-            m = jnp.abs(x).astype(acc)  # |x|, not its parts
+            m = jnp.abs(x).astype(acc)  # |x|, not its parts (|x| >= 0: abs keeps it)
         else:
             m = _piece_values(piece, values)
         out.setdefault(piece.axes, []).append(_reduce_piece(piece, m, transform, reduce))
@@ -622,4 +679,4 @@ def per_leaf(
 def global_norm(leaves: Sequence[Any], *, axis_name: AxisName = None, pack: bool = True) -> Root:
     """The L2 norm of all entries of `leaves`, as a 0-d `Root`; exact for every finite input."""
     root = reduce_tree(leaves, axis_name=axis_name, pack=pack).roots[0]
-    return Root(root.root[0], root.down[0])
+    return Root(root.root[0], root.up[0])

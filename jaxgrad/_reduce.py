@@ -23,13 +23,13 @@ from ._checks import (
 from ._numerics import (
     AxisName,
     accumulation_dtype,
-    computed_once,
+    apply_factors,
     global_norm,
     per_leaf,
     psum,
     reduce_tree,
+    scale_factors,
     tree_leaves,
-    widen,
 )
 from ._typing import Array, ArrayLike, PyTree
 
@@ -159,23 +159,23 @@ def _norm(
         norm = global_norm(leaves, axis_name=axis_name, pack=pack).norm
     elif ord == "1":
         norm = jnp.zeros((), acc)
-        for axes, values in per_leaf(leaves, _identity, jnp.sum, axis_name=axis_name, pack=pack):
+        for axes, values in per_leaf(leaves, _abs, jnp.sum, axis_name=axis_name, pack=pack):
             norm = norm + psum(jnp.sum(values), axes or None)
     else:
         norm = jnp.zeros((), acc)
-        for _, values in per_leaf(leaves, _identity, _max, axis_name=axis_name, pack=pack):
+        for _, values in per_leaf(leaves, _abs, _max, axis_name=axis_name, pack=pack):
             norm = jnp.maximum(norm, jnp.max(values, initial=0))
         if axis_name is not None:
             norm = jax.lax.pmax(norm, axis_name)
     return norm * norm if squared else norm
 
 
-def _identity(m: Array) -> Array:
-    return m
+def _abs(m: Array) -> Array:
+    return jnp.abs(m)
 
 
 def _max(m: Array, axis: Any) -> Array:
-    return jnp.max(m, axis=axis, initial=0)
+    return jnp.max(jnp.abs(m), axis=axis, initial=0)
 
 
 def grad_norm(
@@ -261,16 +261,11 @@ def _normalize(grad: PyTree, axis_name: AxisName, pack: bool = True) -> PyTree:
     check_array_leaves("grad", grad, inexact=True)
     leaves = tree_leaves(grad)
     norm = global_norm(leaves, axis_name=axis_name, pack=pack)
-    nonzero = norm.root != 0
-    # x / norm as (x * down) / root: exact where 1 / norm would be subnormal (flushed to 0).
-    down, root = computed_once((norm.down, jnp.where(nonzero, norm.root, 1)))
+    # a zero gradient is left as it is (zeros, not NaN): both factors are then 1
+    factors = scale_factors(norm, norm.root != 0, jnp.ones((), norm.root.dtype))
 
     def rescale(x: Any) -> Array:
-        x = jnp.asarray(x)
-        wide = widen(x)
-        work = wide.dtype if jnp.iscomplexobj(wide) else jnp.result_type(wide.dtype, root.dtype)
-        out = (wide.astype(work) * down.astype(work)) / root.astype(work)
-        return jnp.where(nonzero, out, 0).astype(x.dtype)
+        return apply_factors(x, factors)
 
     return jax.tree.map(rescale, grad)
 

@@ -97,16 +97,14 @@ def _fusions(hlo: str) -> list[str]:
                 t,
                 1.0,
                 measure="norm",
-                groups=_stats.resolve_groups(t, "leaf"),
+                by="leaf",
                 axis_name=None,
                 pack=True,
             ),
         ),
         (
             lambda t: jg.grad_stats(t),
-            lambda t: _stats._stats(
-                t, groups=_stats.resolve_groups(t, "leaf"), axis_name=None, pack=True
-            ),
+            lambda t: _stats._stats(t, by="leaf", axis_name=None, pack=True),
         ),
         (jg.grad_flatten, _flatten._flatten),
     ],
