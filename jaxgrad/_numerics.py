@@ -550,11 +550,17 @@ def reduce_tree(
 
     kinds: dict[str, Callable[[int], Array]] = {
         "plain": sum_of(_square),
-        "small": sum_of(lambda v: _square(scale_pow2(jnp.abs(v), -spec.down))),
-        "large": sum_of(lambda v: _square(scale_pow2(jnp.abs(v), spec.up))),
         "count": count,
         "max": largest,
     }
+
+    def scaled(p: int) -> Array:
+        """The scaled-down and scaled-up sums of squares of a piece, in one reduction."""
+        m = jnp.abs(matrices[p])
+        both = jnp.stack([_square(scale_pow2(m, -spec.down)), _square(scale_pow2(m, spec.up))])
+        if plan.pieces[p].length is None:
+            return jnp.sum(both, axis=tuple(range(1, both.ndim))).reshape(2, 1)
+        return jnp.sum(both, axis=2)
 
     def grouped(names: Sequence[str]) -> dict[str, list[Array]]:
         """Per-group results of the kinds `names`, combined over each leaf's shard axes."""
@@ -562,8 +568,12 @@ def reduce_tree(
         for axes, members in classes.items():
             idx = np.concatenate([np.asarray(plan.pieces[p].leaves) for p in members])
             found: dict[str, list[Array]] = {}
+            pairs = [scaled(p) for p in members] if "small" in names else []
             for name in names:
-                parts = [kinds[name](p) for p in members]
+                if name in ("small", "large"):
+                    parts = [pair[0 if name == "small" else 1] for pair in pairs]
+                else:
+                    parts = [kinds[name](p) for p in members]
                 vector = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
                 op = "max" if name == "max" else "sum"
                 found[name] = [seg.reduce(vector, idx, op) for seg in segs]
