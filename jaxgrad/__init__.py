@@ -29,6 +29,8 @@ from ._maps import grad_apply as grad_apply
 from ._maps import grad_apply_ as grad_apply_
 from ._maps import grad_mapzip as grad_mapzip
 from ._maps import grad_mapzip_ as grad_mapzip_
+from ._metrics_log import MetricsLog as MetricsLog
+from ._naming import by_depth as by_depth
 from ._naming import path_name as path_name
 from ._noise import NoiseScale as NoiseScale
 from ._noise import NoiseScaleState as NoiseScaleState
@@ -44,6 +46,8 @@ from ._reduce import grad_normalize_ as grad_normalize_
 from ._reduce import grad_rms as grad_rms
 from ._stats import GroupStats as GroupStats
 from ._stats import grad_stats as grad_stats
+from ._update_stats import UpdateStats as UpdateStats
+from ._update_stats import update_stats as update_stats
 
 try:
     __version__ = importlib.metadata.version("jaxgrad")
@@ -55,9 +59,12 @@ __all__ = [
     "ClipStats",
     "GradSum",
     "GroupStats",
+    "MetricsLog",
     "NoiseScale",
     "NoiseScaleState",
     "NonfiniteReport",
+    "UpdateStats",
+    "by_depth",
     "grad_accumulate",
     "grad_all_finite",
     "grad_apply",
@@ -86,5 +93,6 @@ __all__ = [
     "null_grad",
     "path_name",
     "random_grad",
+    "update_stats",
     "zero_grad",
 ]
