@@ -23,7 +23,10 @@ ROOT = "(root)"
 
 _DROPPED_ATTRS = ("value", "raw_value")  # Flax `Variable` wrappers, not part of the name
 
-_BY_VALUES = "'leaf', 'module', 'group', `jaxgrad.by_depth(d)`, None or a callable"
+_BY_VALUES = (
+    "'leaf', 'group', None or a callable `(path, leaf) -> str | None` (or 'module', or "
+    "`jaxgrad.by_depth(d)`)"
+)
 
 
 def _kept(path: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -186,7 +189,7 @@ def resolve_groups(grad: PyTree, by: By) -> Groups:
                 "per layer) or `by=jaxgrad.by_depth(d)`."
             )
         if isinstance(by, str) and by not in ("leaf", "module", "group"):
-            raise ValueError(f"`by` must be {_BY_VALUES} `(path, leaf) -> str | None`; got {by!r}.")
+            raise ValueError(f"`by` must be {_BY_VALUES}; got {by!r}.")
         prefixes = _prefixes(pairs, by)
         if prefixes is None:
             return ()
@@ -211,10 +214,7 @@ def resolve_groups(grad: PyTree, by: By) -> Groups:
                 )
             names.append(name)
     else:
-        raise TypeError(
-            f"`by` must be {_BY_VALUES} `(path, leaf) -> str | None`; "
-            f"got {type(by).__name__} {by!r}."
-        )
+        raise TypeError(f"`by` must be {_BY_VALUES}; got {type(by).__name__} {by!r}.")
     groups: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         if name is not None:
