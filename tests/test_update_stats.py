@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import as_f64, make_tree, tolerance
+from helpers import as_f64, make_tree
 from jax.sharding import PartitionSpec as P
 
 import jaxgrad as jg
