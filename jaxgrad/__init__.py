@@ -38,6 +38,7 @@ from ._noise import grad_microbatch_noise as grad_microbatch_noise
 from ._noise import grad_pmean_noise as grad_pmean_noise
 from ._noise import noise_scale_init as noise_scale_init
 from ._noise import noise_scale_update as noise_scale_update
+from ._plot import plot_layers as plot_layers
 from ._reduce import grad_accumulate as grad_accumulate
 from ._reduce import grad_fold as grad_fold
 from ._reduce import grad_norm as grad_norm
@@ -92,6 +93,7 @@ __all__ = [
     "noise_scale_update",
     "null_grad",
     "path_name",
+    "plot_layers",
     "random_grad",
     "update_stats",
     "zero_grad",
