@@ -112,6 +112,10 @@ class ByDepth:
 
     depth: int
 
+    def __repr__(self) -> str:
+        """`by_depth(d)`, as it was made."""
+        return f"by_depth({self.depth})"
+
     def __call__(self, path: tuple[Any, ...], leaf: Any) -> str:
         """The group name of the leaf at `path` (what `resolve_groups` computes too)."""
         del leaf
