@@ -80,7 +80,9 @@ def path_name(path: tuple[Any, ...]) -> str:
     return "/".join(_entry(key) for key in kept) or jax.tree_util.keystr(kept)
 
 
-def _check_unique(names: Sequence[str], paths: Sequence[tuple[Any, ...]], what: str) -> None:
+def _check_unique(
+    names: Sequence[str], paths: Sequence[tuple[Any, ...]], what: str, hint: str = ""
+) -> None:
     """Raise `ValueError` naming both key paths when two different paths share a name."""
     seen: dict[str, tuple[Any, ...]] = {}
     for name, path in zip(names, paths, strict=True):
@@ -89,7 +91,7 @@ def _check_unique(names: Sequence[str], paths: Sequence[tuple[Any, ...]], what: 
             raise ValueError(
                 f"{what} gives two different key paths the same name {name!r}: "
                 f"{where(first)} and {where(path)}. Rename one of the keys (a `/` in a key "
-                "reads as a level), or pass a callable `by` that names them apart."
+                f"reads as a level){hint}."
             )
 
 
@@ -102,7 +104,7 @@ def leaf_names(tree: PyTree) -> tuple[str, ...]:
     paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     names = tuple(path_name(path) for path in paths)
     if len(set(names)) < len(names):
-        _check_unique(names, paths, "The tree's leaf names")
+        _check_unique(names, paths, "`path_name`")
     return names
 
 
@@ -197,9 +199,10 @@ def resolve_groups(grad: PyTree, by: By) -> Groups:
         prefixes = _prefixes(pairs, by)
         if prefixes is None:
             return ()
-        names = [path_name(prefix) for prefix in prefixes]
+        built = [path_name(prefix) for prefix in prefixes]
+        names = list(built)
         shown = f"`by={by!r}`" if isinstance(by, str) else f"`by=by_depth({by.depth})`"
-        _check_unique(names, prefixes, shown)  # type: ignore[arg-type]
+        _check_unique(built, prefixes, shown, ", or pass a callable `by` that names them apart")
     elif callable(by):
         names = []
         for path, leaf in pairs:

@@ -196,7 +196,9 @@ def test_leaf_names_that_collide_raise_naming_both_paths():
         jg.grad_stats(tree)
     with pytest.raises(ValueError, match=match):
         jg.grad_clip(tree, 1.0, by="leaf")
-    with pytest.raises(ValueError, match=r"The tree's leaf names gives two different key paths"):
+    with pytest.raises(
+        ValueError, match=r"`path_name` gives two different key paths the same name 'a/b'"
+    ):
         jg.grad_nonfinite_report(tree)
 
 
