@@ -72,8 +72,10 @@ class MetricsLog:
     are dropped without a read. A callback that raises does not stop training or lose
     anything: a `RuntimeWarning` is issued and the step, its logs and the exception are
     kept in `failures`. Calls may come from several threads: deliveries happen one at a
-    time, in the order of the calls. Arrays sharded across processes are gathered (see
-    docs/many_devices.md), so in a multi-process run every process calls `add`.
+    time, in the order of the calls. In a multi-process run, statistics replicated across
+    processes are read from the local copy and sharded ones are gathered (a collective),
+    so every process calls `add`, as the training loop does; the callback can check
+    `jax.process_index()`.
 
     Args:
         callback: `callback(step, logs)`, e.g. clu's `writer.write_scalars`,
