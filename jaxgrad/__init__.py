@@ -29,6 +29,8 @@ from ._maps import grad_apply as grad_apply
 from ._maps import grad_apply_ as grad_apply_
 from ._maps import grad_mapzip as grad_mapzip
 from ._maps import grad_mapzip_ as grad_mapzip_
+from ._metrics_log import MetricsLog as MetricsLog
+from ._naming import by_depth as by_depth
 from ._naming import path_name as path_name
 from ._noise import NoiseScale as NoiseScale
 from ._noise import NoiseScaleState as NoiseScaleState
@@ -36,6 +38,7 @@ from ._noise import grad_microbatch_noise as grad_microbatch_noise
 from ._noise import grad_pmean_noise as grad_pmean_noise
 from ._noise import noise_scale_init as noise_scale_init
 from ._noise import noise_scale_update as noise_scale_update
+from ._plot import plot_layers as plot_layers
 from ._reduce import grad_accumulate as grad_accumulate
 from ._reduce import grad_fold as grad_fold
 from ._reduce import grad_norm as grad_norm
@@ -44,6 +47,8 @@ from ._reduce import grad_normalize_ as grad_normalize_
 from ._reduce import grad_rms as grad_rms
 from ._stats import GroupStats as GroupStats
 from ._stats import grad_stats as grad_stats
+from ._update_stats import UpdateStats as UpdateStats
+from ._update_stats import update_stats as update_stats
 
 try:
     __version__ = importlib.metadata.version("jaxgrad")
@@ -55,9 +60,12 @@ __all__ = [
     "ClipStats",
     "GradSum",
     "GroupStats",
+    "MetricsLog",
     "NoiseScale",
     "NoiseScaleState",
     "NonfiniteReport",
+    "UpdateStats",
+    "by_depth",
     "grad_accumulate",
     "grad_all_finite",
     "grad_apply",
@@ -85,6 +93,8 @@ __all__ = [
     "noise_scale_update",
     "null_grad",
     "path_name",
+    "plot_layers",
     "random_grad",
+    "update_stats",
     "zero_grad",
 ]

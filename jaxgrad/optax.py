@@ -1,7 +1,8 @@
 """optax bridge: gradient transformations built on jaxgrad (needs optax).
 
-`clip_with_stats` (a clip whose state holds its statistics) and `track_noise_scale` (a
-transformation whose state smooths the gradient noise scale).
+`clip_with_stats` (a clip whose state holds its statistics), `track_noise_scale` (a
+transformation whose state smooths the gradient noise scale) and `track_update_stats` (a
+transformation whose state holds the update-to-parameter statistics).
 
 `import jaxgrad` never imports optax; `import jaxgrad.optax` does, and says how to
 install it when it is missing.
@@ -12,13 +13,14 @@ from typing import Any, NamedTuple, cast
 import jax
 import jax.numpy as jnp
 
-from ._checks import check_bound, check_decay
+from ._checks import check_bound, check_decay, nnx_params
 from ._clip import ClipStats, grad_clip
 from ._naming import By, resolve_groups
 from ._noise import NoiseScale, NoiseScaleState, noise_scale_init, noise_scale_update
 from ._numerics import AxisName, accumulation_dtype, count_dtype
 from ._stats import GroupStats
 from ._typing import ArrayLike, PyTree
+from ._update_stats import UpdateStats, update_stats
 
 try:
     import optax
@@ -28,7 +30,12 @@ except ImportError as error:  # pragma: no cover - exercised in a test with opta
         '`pip install optax` (or, from a jaxgrad checkout, `pip install ".[optax]"`).'
     ) from error
 
-__all__ = ["TrackNoiseScaleState", "clip_with_stats", "track_noise_scale"]
+__all__ = [
+    "TrackNoiseScaleState",
+    "clip_with_stats",
+    "track_noise_scale",
+    "track_update_stats",
+]
 
 
 def _initial_stats(params: PyTree, by: By) -> ClipStats:
@@ -229,3 +236,66 @@ def track_noise_scale(
         return updates, cast(optax.OptState, new)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def track_update_stats(
+    *, by: By = None, axis_name: AxisName = None
+) -> optax.GradientTransformation:
+    """An identity transformation whose state is the last step's `jaxgrad.UpdateStats`.
+
+    Put it last in an `optax.chain`, where the updates are those added to the
+    parameters: at every update it measures them against the parameters (which
+    `update` must be given) with `jaxgrad.update_stats` (update and parameter norms,
+    RMS, and the update-to-parameter ratio, overall and per group) and keeps the result
+    as its state, a dict `{"update_stats": UpdateStats}`. Read it wherever the
+    transformation sits with `optax.tree_utils.tree_get(opt_state, "update_stats")`,
+    and `.as_dict()` of that for a logger. The state keeps `init`'s dtypes (those of
+    the parameters' accumulation), so it is a stable `jax.lax.scan` carry.
+
+    Args:
+        by: the grouping, as in `jaxgrad.update_stats` (`"module"` gives one group per
+            layer); the groups are read from the parameters at `init`.
+        axis_name: the mesh axis name (or tuple of names) along which the updates and
+            parameters are shards of larger trees; see docs/many_devices.md.
+
+    Returns:
+        An `optax.GradientTransformation`; its `update` requires `params`.
+
+    Raises:
+        TypeError: at `update`, if `params` is missing.
+
+    Example:
+        >>> import optax
+        >>> from jaxgrad.optax import track_update_stats
+        >>> tx = optax.chain(optax.sgd(learning_rate=0.1), track_update_stats(by="leaf"))
+        >>> params = {"w": jnp.array([3.0, 4.0])}
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": jnp.array([0.6, 0.8])}, state, params)
+        >>> stats = optax.tree_utils.tree_get(state, "update_stats")
+        >>> stats.as_dict()["update_ratio/w"]
+        0.019999999552965164
+    """
+
+    def init_fn(params: PyTree) -> optax.OptState:
+        params = nnx_params(params)
+        names = ("", *(name for name, _ in resolve_groups(params, by)))
+        acc = accumulation_dtype(jnp.asarray(x).dtype for x in jax.tree.leaves(params))
+        zeros = jnp.zeros(len(names), acc)
+        empty = UpdateStats(zeros, zeros, zeros, zeros, zeros, names=names)
+        return cast(optax.OptState, {"update_stats": empty})
+
+    def update_fn(
+        updates: PyTree, state: optax.OptState, params: PyTree | None = None
+    ) -> tuple[PyTree, optax.OptState]:
+        if params is None:
+            raise TypeError(
+                "`track_update_stats` measures the updates against the parameters: call "
+                "`tx.update(updates, opt_state, params)` with `params`."
+            )
+        stats = update_stats(updates, params, by=by, axis_name=axis_name)
+        # The state keeps init's dtypes, so it is the same pytree type at every step.
+        old = cast(dict, state)["update_stats"]
+        stats = jax.tree.map(lambda new, was: new.astype(was.dtype), stats, old)
+        return updates, cast(optax.OptState, {"update_stats": stats})
+
+    return optax.GradientTransformation(init_fn, update_fn)
