@@ -50,9 +50,9 @@ class GradSum:
     Attributes:
         total: the sum of the gradients added, with the structure of the parameters, each
             leaf in float32 (or wider: float64 and complex leaves keep their dtype).
-        count: how many gradients were added (0-d int32). It saturates at 2**31 - 1
-            rather than wrapping; a sum whose count has reached that bound no longer
-            knows how many gradients it holds, and its `mean` is NaN.
+        count: how many gradients were added (0-d int32), exact up to 2**31 - 2. It
+            saturates at 2**31 - 1 rather than wrapping: a sum whose count has reached
+            that bound no longer knows how many gradients it holds, and its `mean` is NaN.
         dtypes: the dtype of each leaf of the parameters, in `jax.tree.leaves` order.
 
     Example:
@@ -140,8 +140,8 @@ class GradSum:
         The division is done in the sum dtype (float32 or wider) and the result cast
         back to each leaf's dtype, so a bfloat16 model gets a bfloat16 gradient. A sum
         with nothing added gives zeros (not NaN); a sum whose count has saturated at
-        2**31 - 1 gives NaN (the number of gradients is no longer known). Works eagerly (one compiled dispatch)
-        and under `jax.jit`; each mean lives where its sum does.
+        2**31 - 1 gives NaN (the number of gradients is no longer known). Works eagerly
+        (one compiled dispatch) and under `jax.jit`; each mean lives where its sum does.
 
         Returns:
             A pytree with the structure and shapes of the parameters and their dtypes.
@@ -198,7 +198,9 @@ def _sum(total: PyTree, grad: PyTree) -> PyTree:
 
 
 def _added(state: GradSum, grad: PyTree) -> GradSum:
-    return GradSum(total=_sum(state.total, grad), count=_next_count(state.count), dtypes=state.dtypes)
+    return GradSum(
+        total=_sum(state.total, grad), count=_next_count(state.count), dtypes=state.dtypes
+    )
 
 
 def _add(total: PyTree, count: Array | None, grad: PyTree) -> tuple[PyTree, Array | None]:
@@ -275,9 +277,7 @@ def wide_mean(state: GradSum) -> PyTree:
 def narrow(wide: PyTree, dtypes: tuple[Any, ...]) -> PyTree:
     """Each leaf of `wide` cast to its dtype in `dtypes` (`jax.tree.leaves` order)."""
     leaves, treedef = jax.tree.flatten(wide)
-    return jax.tree.unflatten(
-        treedef, [x.astype(d) for x, d in zip(leaves, dtypes, strict=True)]
-    )
+    return jax.tree.unflatten(treedef, [x.astype(d) for x, d in zip(leaves, dtypes, strict=True)])
 
 
 @functools.partial(jax.jit, static_argnames=("dtypes",))
@@ -345,19 +345,22 @@ def call_grad_fn(grad_fn: Callable[[Any, PyTree], Any], params: Any, batch: PyTr
     """`grad_fn(params, batch)` on one micro-batch; an error it raises gets a note on `batches`.
 
     A batch passed without the micro-batch axis fails deep inside the model (a shape
-    error about some layer); the note says what `grad_fn` was given and how `batches`
-    must be laid out. The error itself is re-raised unchanged.
+    error about some layer); the note (Python 3.11+: `BaseException.add_note`) says
+    what `grad_fn` was given and how `batches` must be laid out. The error itself is
+    re-raised unchanged: this diagnoses a failure, it never retries.
     """
     try:
         return grad_fn(params, batch)
     except Exception as error:
-        shapes = jax.tree.map(describe_leaf, batch)
-        error.add_note(
-            "jaxgrad: this error came from `grad_fn` called on one micro-batch, `batches` "
-            f"without its leading micro-batch axis: {shapes}. If `batches` is a single "
-            "batch, stack its micro-batches along a new leading axis first, e.g. "
-            "`x.reshape(4, -1, *x.shape[1:])` for 4 micro-batches."
-        )
+        add_note = getattr(error, "add_note", None)  # Python 3.11+
+        if add_note is not None:
+            shapes = jax.tree.map(describe_leaf, batch)
+            add_note(
+                "jaxgrad: this error came from `grad_fn` called on one micro-batch, "
+                f"`batches` without its leading micro-batch axis: {shapes}. If `batches` is "
+                "a single batch, stack its micro-batches along a new leading axis first, "
+                "e.g. `x.reshape(4, -1, *x.shape[1:])` for 4 micro-batches."
+            )
         raise
 
 

@@ -255,7 +255,9 @@ def check_casts(name: str, tree: PyTree, target_name: str, targets: PyTree) -> N
             raise cast_error(name, found, target_name, where(path), describe_leaf(t), loss)
 
 
-def cast_error(name: str, found: str, target_name: str, path: str, leaf: str, loss: str) -> TypeError:
+def cast_error(
+    name: str, found: str, target_name: str, path: str, leaf: str, loss: str
+) -> TypeError:
     """The one wording for a cast that would lose values (`cast_loss`)."""
     return TypeError(
         f"`{name}` has {found}, but the leaf of `{target_name}` at {path} is {leaf}; the "
@@ -279,7 +281,7 @@ def _is_number(leaf: Any) -> bool:
 
 
 def _is_kind(leaf: Any, kind: str) -> bool:
-    """Whether `leaf` is an array (or number) of a `"numeric"`, `"inexact"` or `"floating"` dtype."""
+    """Whether `leaf` is an array or number of a `"numeric"`, `"inexact"`, `"floating"` kind."""
     dtype = _dtype_of(leaf)
     return dtype is not None and _dtype_is(dtype, kind)
 

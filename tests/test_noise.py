@@ -854,6 +854,31 @@ def test_track_noise_scale_errors():
     assert isinstance(optax.chain(tx), optax.GradientTransformationExtraArgs)
 
 
+# -- one mechanism, many callers (issue 16) -----------------------------------------------
+
+
+def _calls(module) -> set[str]:
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(module))
+    return {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+
+
+def test_the_noise_estimates_reuse_the_accumulator_scan_and_the_pmean_all_reduce():
+    import jaxgrad._accumulator as accumulator
+    import jaxgrad._constructors as constructors
+    import jaxgrad._noise as noise
+
+    calls = _calls(noise)
+    assert not {"jax.lax.scan", "jax.lax.psum", "GradSum"} & calls, calls  # no own scan/psum
+    assert {"scan_gradients", "pmean_wide", "wide_mean", "gradient_of"} <= calls
+    # placement-aware zeros are written once, in the placement module
+    for module in (accumulator, constructors):
+        assert "zeros_where" in _calls(module)
+        assert "jnp.zeros_like" not in _calls(module)
+
+
 # -- 8 CPU devices: shard_map against one device ----------------------------------------
 
 
