@@ -497,7 +497,11 @@ def grad_microbatch_mean(
         ValueError: if `batches` has no leaves, a scalar leaf, leaves whose leading axes
             differ, or zero micro-batches; if `grad_fn` returns a gradient whose
             structure or shapes differ from those of `params` (the message names the
-            first differing key path); or if it adds or removes module variables.
+            first differing key path, or says that a pair looks like `(value, grad)`
+            from `jax.value_and_grad`, or like `(grad, aux)` without `has_aux=True`);
+            or if it adds or removes module variables. An error raised inside
+            `grad_fn` is re-raised with a note on the micro-batch it was given (a batch
+            without the micro-batch axis fails there).
 
     Example:
         >>> loss = lambda w, batch: jnp.mean((batch["x"] * w - batch["y"]) ** 2)

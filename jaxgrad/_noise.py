@@ -298,10 +298,11 @@ def grad_microbatch_noise(
         ValueError: if `batches` has no leaves, a scalar leaf or leading axes that
             differ; if there is a single micro-batch (and no other replica), where the
             estimate is undefined; if `microbatch_size` is not given and cannot be read
-            from axis 1 of `batches`; if `grad_fn` returns a gradient whose structure
-            or shapes differ from those of `params`; or if, inside `shard_map` with
-            `check_vma=True`, the gradients do not vary along `axis_name` while the
-            batches do (`jax.grad` of replicated parameters, already summed).
+            from axis 1 of `batches`, or is more than the estimates' dtype holds
+            (1e39 in float32); if `grad_fn` returns a gradient whose structure or shapes
+            differ from those of `params` (the checks of `grad_microbatch_mean`); or
+            if, inside `shard_map` with `check_vma=True`, the gradients do not vary
+            along `axis_name` (`jax.grad` of replicated parameters, already summed).
 
     Example:
         >>> loss = lambda w, batch: jnp.mean((batch["x"] * w - batch["y"]) ** 2) / 2
@@ -353,7 +354,7 @@ def grad_microbatch_noise(
     count = micro * replicas
     if axis_name is not None:  # one all-reduce: the replicas' mean sums, and the squares
         total, sq = pmean_wide(state.total, axis_name, sq)
-        state = GradSum(total=total, count=state.count, dtypes=state.dtypes)
+        state = dataclasses.replace(state, total=total)
     wide = wide_mean(state)
     big = squared_norms(jax.tree.leaves(wide), segments, acc, pack)
     noise = estimates(sq / count, big, b_small, count, names)
@@ -395,7 +396,7 @@ def _varying_like_grads(
 
     leaves, treedef = jax.tree.flatten(init.total)
     total = jax.tree.unflatten(treedef, [cast(x, v) for x, v in zip(leaves, axes, strict=True)])
-    state = GradSum(total=total, count=init.count, dtypes=init.dtypes)
+    state = dataclasses.replace(init, total=total)
     return state, cast(sq, frozenset().union(*axes))
 
 
@@ -420,7 +421,9 @@ def grad_pmean_noise(
     over its examples): inside `shard_map` with `check_vma=True`, differentiate with
     respect to `jax.lax.pcast(params, axis_name, to="varying")`, since `jax.grad` with
     respect to replicated parameters already sums over the replicas (every replica then
-    holds the same gradient and the estimated noise is zero).
+    holds the same gradient, and the noise between them is lost): such a gradient is
+    refused, read from JAX's types. With `check_vma=False` JAX does not track what
+    varies, and nothing can be checked.
 
     Args:
         grad: this replica's gradient: a `Gradient` or any pytree of floating-point
@@ -438,8 +441,11 @@ def grad_pmean_noise(
         TypeError: if `axis_name` is not a str or a non-empty tuple of str, a leaf is
             not floating-point or complex, `batch_per_replica` is not a number, or `by`
             is not a valid grouping.
-        ValueError: if `batch_per_replica` is not positive, or there is one replica
-            along `axis_name` (the estimate is undefined).
+        ValueError: if `batch_per_replica` is not positive or more than float32 (the
+            estimates' dtype) holds; if there is one replica along `axis_name` (the
+            estimate is undefined); or if, inside `shard_map` with `check_vma=True`,
+            `grad` does not vary along `axis_name` (the gradient of replicated
+            parameters, already summed over the replicas: the noise would read 0).
 
     Example:
         >>> per_replica = {"w": jnp.array([[1.0], [3.0]])}  # 2 replicas, 4 examples each
