@@ -298,7 +298,7 @@ def _debiased_ema(values, decay):
 def test_a_decay_that_rounds_to_one_gives_the_running_mean(dtype, traced):
     with _x64_if(dtype):
         state = jg.noise_scale_init({"w": jnp.zeros(3, _dtype(dtype))})
-        decay = 1 - 3e-8  # 1.0 in float32: the state was NaN for good
+        decay = 1 - 1e-8  # 1.0 in float32 (from 1 - 2**-25 up): the state was NaN for good
         update = jax.jit(lambda s, n, d: jg.noise_scale_update(s, n, decay=d))
         grad_sqs, traces = [4.0, 2.0, 3.0], [40.0, 10.0, 16.0]
         for g, t in zip(grad_sqs, traces, strict=True):
