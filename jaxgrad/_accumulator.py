@@ -14,17 +14,22 @@ import numpy as np
 from ._checks import (
     check_array_leaves,
     check_callable,
+    check_casts,
     check_donatable,
     check_same_shapes,
     check_same_structure,
+    describe_leaf,
     describe_node,
     first_difference,
     is_traced,
     micro_batch_count,
     nnx_params,
 )
-from ._donate import moved_to, per_device, placed, replicated, sharding_of
+from ._donate import moved_to, per_device, placed, replicated, sharding_of, zeros_where
 from ._typing import Array, DTypeLike, PyTree
+
+COUNT_MAX = 2**31 - 1
+"""Where a `GradSum` count stops: the largest int32 (the count saturates, never wraps)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +50,9 @@ class GradSum:
     Attributes:
         total: the sum of the gradients added, with the structure of the parameters, each
             leaf in float32 (or wider: float64 and complex leaves keep their dtype).
-        count: how many gradients were added (0-d int32).
+        count: how many gradients were added (0-d int32), exact up to 2**31 - 2. It
+            saturates at 2**31 - 1 rather than wrapping: a sum whose count has reached
+            that bound no longer knows how many gradients it holds, and its `mean` is NaN.
         dtypes: the dtype of each leaf of the parameters, in `jax.tree.leaves` order.
 
     Example:
@@ -112,8 +119,9 @@ class GradSum:
             The new `GradSum`.
 
         Raises:
-            TypeError: if a leaf of `grad` is not a floating-point or complex array (the
-                message names its key path).
+            TypeError: if a leaf of `grad` is not a floating-point or complex array, or
+                is complex where the sum is real (the cast would drop its imaginary
+                part; the message names its key path).
             ValueError: if the structure or a leaf shape of `grad` differs from the sum's
                 (the message names the first differing key path), or, with
                 `donate=True`, if an array of this sum also appears in `grad`.
@@ -131,8 +139,9 @@ class GradSum:
 
         The division is done in the sum dtype (float32 or wider) and the result cast
         back to each leaf's dtype, so a bfloat16 model gets a bfloat16 gradient. A sum
-        with nothing added gives zeros (not NaN). Works eagerly (one compiled dispatch)
-        and under `jax.jit`; each mean lives where its sum does.
+        with nothing added gives zeros (not NaN); a sum whose count has saturated at
+        2**31 - 1 gives NaN (the number of gradients is no longer known). Works eagerly
+        (one compiled dispatch) and under `jax.jit`; each mean lives where its sum does.
 
         Returns:
             A pytree with the structure and shapes of the parameters and their dtypes.
@@ -160,11 +169,6 @@ def _check_like(name: str, like: PyTree) -> None:
     check_array_leaves(name, jax.tree.map(arrays, like), inexact=True)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _zeros(specs: tuple[tuple[tuple[int, ...], Any], ...]) -> tuple[list[Array], Array]:
-    return [jnp.zeros(shape, dtype) for shape, dtype in specs], jnp.zeros((), jnp.int32)
-
-
 def _new(name: str, like: PyTree, dtype: DTypeLike) -> GradSum:
     """`GradSum.zeros_like(like, dtype=dtype)`, its errors naming the argument `name`."""
     if not jnp.issubdtype(np.dtype(dtype), jnp.floating):
@@ -175,27 +179,18 @@ def _new(name: str, like: PyTree, dtype: DTypeLike) -> GradSum:
     leaves, treedef = jax.tree.flatten(like)
     dtypes = tuple(np.dtype(x.dtype if hasattr(x, "dtype") else jnp.result_type(x)) for x in leaves)
     with jax.numpy_dtype_promotion("standard"):
-        sums = tuple(np.dtype(jnp.promote_types(d, dtype)) for d in dtypes)
-    specs = tuple((tuple(np.shape(x)), s) for x, s in zip(leaves, sums, strict=True))
-    if is_traced(like):
-        # zeros_like keeps a traced leaf's sharding (explicit mesh axes) in the carry
-        zeros = [
-            jnp.zeros_like(x, d) if isinstance(x, jax.Array) else jnp.zeros(shape, d)
-            for x, (shape, d) in zip(leaves, specs, strict=True)
-        ]
-        count = jnp.zeros((), jnp.int32)
-    elif placed(leaves):
-        # Op by op, each sum where its leaf is; one compiled call would put every sum on
-        # the default device. The count goes with the first placed leaf, whole.
-        zeros = [
-            jnp.zeros(shape, d, device=sharding_of(x))
-            for x, (shape, d) in zip(leaves, specs, strict=True)
-        ]
+        sums = [np.dtype(jnp.promote_types(d, dtype)) for d in dtypes]
+    zeros = zeros_where(leaves, sums)
+    count = jnp.zeros((), jnp.int32)
+    if not is_traced(like) and placed(leaves):  # the count goes with the first placed leaf
         first = next(s for s in map(sharding_of, leaves) if s is not None)
         count = jnp.zeros((), jnp.int32, device=replicated(first))
-    else:
-        zeros, count = _zeros(specs)
     return GradSum(total=jax.tree.unflatten(treedef, zeros), count=count, dtypes=dtypes)
+
+
+def _next_count(count: Array) -> Array:
+    """`count + 1`, saturating at `COUNT_MAX` (an int32 would wrap to a negative count)."""
+    return count + (count < COUNT_MAX).astype(count.dtype)
 
 
 def _sum(total: PyTree, grad: PyTree) -> PyTree:
@@ -203,12 +198,14 @@ def _sum(total: PyTree, grad: PyTree) -> PyTree:
 
 
 def _added(state: GradSum, grad: PyTree) -> GradSum:
-    return GradSum(total=_sum(state.total, grad), count=state.count + 1, dtypes=state.dtypes)
+    return GradSum(
+        total=_sum(state.total, grad), count=_next_count(state.count), dtypes=state.dtypes
+    )
 
 
 def _add(total: PyTree, count: Array | None, grad: PyTree) -> tuple[PyTree, Array | None]:
     """The compiled kernel: the sums of one set of devices, and the count if it is given."""
-    return _sum(total, grad), None if count is None else count + 1
+    return _sum(total, grad), None if count is None else _next_count(count)
 
 
 _add_compiled = jax.jit(_add)
@@ -255,6 +252,7 @@ def _add_checked(state: GradSum, grad: PyTree, donate: bool) -> GradSum:
     check_same_structure("state.total", state.total, "grad", grad)
     check_array_leaves("grad", grad, inexact=True)
     check_same_shapes("state.total", state.total, "grad", grad)
+    check_casts("grad", grad, "state.total", state.total)
     if is_traced((state, grad)):
         return _added(state, grad)
     if donate:
@@ -262,14 +260,29 @@ def _add_checked(state: GradSum, grad: PyTree, donate: bool) -> GradSum:
     return _add_in_place(_add_donated if donate else _add_compiled, state, grad)
 
 
+def wide_mean(state: GradSum) -> PyTree:
+    """The mean of the gradients added, in the sum dtypes (float32 or wider).
+
+    Zeros when nothing was added; NaN once the count has saturated at `COUNT_MAX`.
+    """
+    count = state.count
+
+    def mean(s: Array) -> Array:
+        n = jnp.maximum(count, 1).astype(s.dtype)
+        return jnp.where(count < COUNT_MAX, s / n, jnp.nan)
+
+    return jax.tree.map(mean, state.total)
+
+
+def narrow(wide: PyTree, dtypes: tuple[Any, ...]) -> PyTree:
+    """Each leaf of `wide` cast to its dtype in `dtypes` (`jax.tree.leaves` order)."""
+    leaves, treedef = jax.tree.flatten(wide)
+    return jax.tree.unflatten(treedef, [x.astype(d) for x, d in zip(leaves, dtypes, strict=True)])
+
+
 @functools.partial(jax.jit, static_argnames=("dtypes",))
 def _mean(total: PyTree, count: Array, dtypes: tuple[Any, ...]) -> PyTree:
-    leaves, treedef = jax.tree.flatten(total)
-    out = []
-    for s, dtype in zip(leaves, dtypes, strict=True):
-        n = jnp.maximum(count, 1).astype(s.dtype)
-        out.append((s / n).astype(dtype))
-    return jax.tree.unflatten(treedef, out)
+    return narrow(wide_mean(GradSum(total=total, count=count, dtypes=dtypes)), dtypes)
 
 
 def _mean_checked(state: GradSum) -> PyTree:
@@ -284,10 +297,20 @@ def _mean_checked(state: GradSum) -> PyTree:
     return per_device(mean, state.total, dtypes)
 
 
-def _gradient_of(out: Any, has_aux: bool, like: PyTree) -> tuple[PyTree, Any]:
-    """`(grad, aux)` from what `grad_fn` returned, checked against the parameters `like`."""
+def _pair(out: Any) -> bool:
+    return type(out) in (tuple, list) and len(out) == 2
+
+
+def gradient_of(out: Any, has_aux: bool, like: PyTree) -> tuple[PyTree, Any]:
+    """`(grad, aux)` from what `grad_fn` returned, checked against the parameters `like`.
+
+    The one check of a `grad_fn` result for every micro-batch function: a pair with
+    `has_aux=True`, then a gradient with the structure, shapes and floating dtypes of
+    `like`; a mismatch that looks like a known mistake (a `(grad, aux)` pair without
+    `has_aux`, a `(value, grad)` pair as `jax.value_and_grad` returns) says so.
+    """
     if has_aux:
-        if type(out) not in (tuple, list) or len(out) != 2:
+        if not _pair(out):
             raise TypeError(
                 "`grad_fn` must return a pair `(grad, aux)` when `has_aux=True`, as "
                 f"`jax.grad(loss, has_aux=True)` does; it returned {describe_node(out)}."
@@ -300,8 +323,14 @@ def _gradient_of(out: Any, has_aux: bool, like: PyTree) -> tuple[PyTree, Any]:
             f"`grad_fn` must return the gradient, with the structure of `params`; `{name}` is None."
         )
     if first_difference(like, grad) is not None:
-        pair = not has_aux and type(out) is tuple and len(out) == 2
-        if pair and first_difference(like, out[0]) is None:
+        if _pair(out) and first_difference(like, out[1]) is None:
+            raise ValueError(
+                "`grad_fn` returned a pair whose second entry has the structure of `params`, "
+                "as `jax.value_and_grad` and `nnx.value_and_grad` return `(value, grad)`; "
+                "`grad_fn` must return the gradient (`jax.grad`, `nnx.grad`), or "
+                "`(grad, aux)` with `has_aux=True`."
+            )
+        if not has_aux and _pair(out) and first_difference(like, out[0]) is None:
             raise ValueError(
                 "`grad_fn` returned a pair whose first entry has the structure of `params`; "
                 "if it is `(grad, aux)`, pass `has_aux=True`."
@@ -310,6 +339,104 @@ def _gradient_of(out: Any, has_aux: bool, like: PyTree) -> tuple[PyTree, Any]:
     check_array_leaves(name, grad, inexact=True)
     check_same_shapes("params", like, name, grad)
     return grad, aux
+
+
+def call_grad_fn(grad_fn: Callable[[Any, PyTree], Any], params: Any, batch: PyTree) -> Any:
+    """`grad_fn(params, batch)` on one micro-batch; an error it raises gets a note on `batches`.
+
+    A batch passed without the micro-batch axis fails deep inside the model (a shape
+    error about some layer); the note (Python 3.11+: `BaseException.add_note`) says
+    what `grad_fn` was given and how `batches` must be laid out. The error itself is
+    re-raised unchanged: this diagnoses a failure, it never retries.
+    """
+    try:
+        return grad_fn(params, batch)
+    except Exception as error:
+        add_note = getattr(error, "add_note", None)  # Python 3.11+
+        if add_note is not None:
+            shapes = jax.tree.map(describe_leaf, batch)
+            add_note(
+                "jaxgrad: this error came from `grad_fn` called on one micro-batch, "
+                f"`batches` without its leading micro-batch axis: {shapes}. If `batches` is "
+                "a single batch, stack its micro-batches along a new leading axis first, "
+                "e.g. `x.reshape(4, -1, *x.shape[1:])` for 4 micro-batches."
+            )
+        raise
+
+
+Fold = Callable[[Any, PyTree], Any]
+
+
+def scan_gradients(
+    grad_fn: Callable[[Any, PyTree], Any],
+    params: Any,
+    batches: PyTree,
+    init: GradSum,
+    *,
+    has_aux: bool,
+    fold: Fold | None = None,
+    carry: Any = None,
+) -> tuple[GradSum, Any, Any]:
+    """The micro-batch scan: `init` plus `grad_fn(params, batch)` for every micro-batch.
+
+    The one scan of every micro-batch function. Each micro-batch's gradient is checked
+    (`gradient_of`), added to the sum, and given to `fold(carry, grad) -> carry`, which
+    keeps anything else per micro-batch (the noise scale's squared norms). An
+    `nnx.Module` as `params` is split: `grad_fn` gets a module rebuilt in the body from
+    the same parameters and the carried non-`Param` state, which is written back into
+    `params` at the end. Returns `(sum, carry, stacked aux)`.
+    """
+    like = nnx_params(params)
+    if like is not params:
+        return _module_scan(grad_fn, params, batches, init, has_aux, fold, carry)
+
+    def body(state: tuple[GradSum, Any], batch: PyTree) -> tuple[Any, Any]:
+        total, extra = state
+        grad, aux = gradient_of(call_grad_fn(grad_fn, params, batch), has_aux, params)
+        if fold is not None:
+            extra = fold(extra, grad)
+        return (_added(total, grad), extra), aux
+
+    (total, extra), aux = jax.lax.scan(body, (init, carry), batches)
+    return total, extra, aux
+
+
+def _module_scan(
+    grad_fn: Callable[[Any, PyTree], Any],
+    module: Any,
+    batches: PyTree,
+    init: GradSum,
+    has_aux: bool,
+    fold: Fold | None,
+    carry: Any,
+) -> tuple[GradSum, Any, Any]:
+    """`scan_gradients` for an `nnx.Module`: its other state in the carry."""
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def body(state: tuple[GradSum, Any, Any], batch: PyTree) -> tuple[Any, Any]:
+        total, extra, rest = state
+        # A module of variables made in this trace, which grad_fn may use and mutate (nnx
+        # refuses variables made outside a scan body inside it); `rest` is new already.
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: x, params), rest)
+        grad, aux = gradient_of(call_grad_fn(grad_fn, model, batch), has_aux, params)
+        after = nnx.split(model, nnx.Param, ...)[2]
+        diff = first_difference(rest, after)
+        if diff is not None:
+            path, before_has, after_has = diff
+            raise ValueError(
+                "`grad_fn` must not add or remove variables of the module: its "
+                "non-`Param` state is carried from one micro-batch to the next. At "
+                f"{path} the state had {before_has} and has {after_has} after `grad_fn`."
+            )
+        if fold is not None:
+            extra = fold(extra, grad)
+        return (_added(total, grad), extra, after), aux
+
+    (total, extra, rest), aux = jax.lax.scan(body, (init, carry, rest), batches)
+    nnx.update(module, rest)
+    return total, extra, aux
 
 
 def grad_microbatch_mean(
@@ -370,7 +497,11 @@ def grad_microbatch_mean(
         ValueError: if `batches` has no leaves, a scalar leaf, leaves whose leading axes
             differ, or zero micro-batches; if `grad_fn` returns a gradient whose
             structure or shapes differ from those of `params` (the message names the
-            first differing key path); or if it adds or removes module variables.
+            first differing key path, or says that a pair looks like `(value, grad)`
+            from `jax.value_and_grad`, or like `(grad, aux)` without `has_aux=True`);
+            or if it adds or removes module variables. An error raised inside
+            `grad_fn` is re-raised with a note on the micro-batch it was given (a batch
+            without the micro-batch axis fails there).
 
     Example:
         >>> loss = lambda w, batch: jnp.mean((batch["x"] * w - batch["y"]) ** 2)
@@ -405,51 +536,7 @@ def grad_microbatch_mean(
     """
     check_callable("grad_fn", grad_fn)
     micro_batch_count(batches)
-    like = nnx_params(params)
-    if like is not params:
-        return _module_microbatches(grad_fn, params, batches, has_aux, dtype)
-    init = _new("params", params, dtype)
-
-    def body(state: GradSum, batch: PyTree) -> tuple[GradSum, Any]:
-        grad, aux = _gradient_of(grad_fn(params, batch), has_aux, params)
-        return _added(state, grad), aux
-
-    state, aux = jax.lax.scan(body, init, batches)
-    mean = GradSum.mean(state)
-    return (mean, aux) if has_aux else mean
-
-
-def _module_microbatches(
-    grad_fn: Callable[[Any, PyTree], Any],
-    module: Any,
-    batches: PyTree,
-    has_aux: bool,
-    dtype: DTypeLike,
-) -> Any:
-    """`grad_microbatch_mean` for an `nnx.Module`: its other state in the carry."""
-    from flax import nnx
-
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-    init = _new("params", params, dtype)
-
-    def body(carry: tuple[GradSum, Any], batch: PyTree) -> tuple[Any, Any]:
-        state, rest = carry
-        # A module of variables made in this trace, which grad_fn may use and mutate (nnx
-        # refuses variables made outside a scan body inside it); `rest` is new already.
-        model = nnx.merge(graphdef, jax.tree.map(lambda x: x, params), rest)
-        grad, aux = _gradient_of(grad_fn(model, batch), has_aux, params)
-        after = nnx.split(model, nnx.Param, ...)[2]
-        diff = first_difference(rest, after)
-        if diff is not None:
-            path, before_has, after_has = diff
-            raise ValueError(
-                "`grad_fn` must not add or remove variables of the module: its "
-                "non-`Param` state is carried from one micro-batch to the next. At "
-                f"{path} the state had {before_has} and has {after_has} after `grad_fn`."
-            )
-        return (_added(state, grad), after), aux
-
-    (state, rest), aux = jax.lax.scan(body, (init, rest), batches)
-    nnx.update(module, rest)
+    init = _new("params", nnx_params(params), dtype)
+    state, _, aux = scan_gradients(grad_fn, params, batches, init, has_aux=has_aux)
     mean = GradSum.mean(state)
     return (mean, aux) if has_aux else mean

@@ -94,8 +94,7 @@ def first_difference(a: PyTree, b: PyTree) -> tuple[str, str, str] | None:
         return None
 
     found = walk(a, b, ())
-    if found is None:  # unreachable: different treedefs differ at some node
-        return "the root", str(jax.tree.structure(a)), str(jax.tree.structure(b))
+    assert found is not None  # different treedefs differ at some node
     return found
 
 
@@ -129,24 +128,30 @@ def check_callable(name: str, func: Any) -> None:
         raise TypeError(f"`{name}` must be callable; got {type(func).__name__} {func!r}.")
 
 
-def check_array_leaves(name: str, tree: PyTree, *, inexact: bool = False) -> None:
+def check_array_leaves(
+    name: str, tree: PyTree, *, inexact: bool = False, real: bool = False, hint: str = ""
+) -> None:
     """Raise `TypeError` at the first leaf that is not a numeric array or a scalar number.
 
     Numeric means boolean, integer, floating-point or complex: PRNG keys, strings and
     object arrays are refused, as are shape-only leaves such as `jax.ShapeDtypeStruct`.
-    With `inexact=True` only floating-point and complex leaves pass. The check is a
-    type test per leaf (key paths are only computed to name a bad one).
+    With `inexact=True` only floating-point and complex leaves pass; with `real=True`
+    only floating-point ones. This is the one wording for a leaf of the wrong dtype;
+    `hint` (a sentence) is appended to it. The check is a type test per leaf (key paths
+    are only computed to name a bad one).
     """
-    test = _is_inexact_leaf if inexact else _is_numeric_leaf
-    if all(map(test, jax.tree.leaves(tree))):  # the fast path: no key paths
+    kind = "floating" if real else "inexact" if inexact else "numeric"
+    if all(_is_kind(leaf, kind) for leaf in jax.tree.leaves(tree)):  # the fast path
         return
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if _is_numeric_leaf(leaf) and not test(leaf):
+        if _is_numeric_leaf(leaf) and not _is_kind(leaf, kind):
+            kinds = "floating-point" if real else "floating-point or complex"
+            found = describe_leaf(jnp.asarray(leaf) if _is_number(leaf) else leaf)
             raise TypeError(
-                f"`{name}` must have floating-point or complex leaves; at {where(path)} "
-                f"it has {describe_leaf(leaf)}."
+                f"`{name}` must have {kinds} leaves; at {where(path)} it has {found}."
+                + (f" {hint}" if hint else "")
             )
-        if not test(leaf):
+        if not _is_kind(leaf, kind):
             if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
                 what = f"the PRNG key {describe_leaf(leaf)}, which has no gradient"
             elif isinstance(leaf, (jax.Array, np.ndarray)):
@@ -156,6 +161,108 @@ def check_array_leaves(name: str, tree: PyTree, *, inexact: bool = False) -> Non
             raise TypeError(
                 f"`{name}` must be a pytree of numeric arrays; at {where(path)} it has {what}."
             )
+
+
+def is_numeric(value: Any) -> bool:
+    """Whether `value` is a numeric (bool, integer, float, complex) array or Python number."""
+    return _is_numeric_leaf(value)
+
+
+def check_array(name: str, value: Any) -> None:
+    """Raise `TypeError` unless `value` is a numeric array, number or nested list of numbers.
+
+    Arrays are tested by their dtype (nothing is transferred); anything else by the
+    dtype NumPy gives it, so `None`, strings and ragged lists are refused here rather
+    than deep inside `jnp.asarray`.
+    """
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+        dtype = value.dtype
+    elif isinstance(value, (str, bytes)) or value is None:
+        dtype = None
+    else:
+        try:
+            dtype = np.asarray(value).dtype
+        except ValueError:  # a ragged list: no dtype to speak of
+            dtype = None
+    if dtype is None or not _dtype_is(dtype, "numeric"):
+        raise TypeError(
+            f"`{name}` must be a numeric array; got {type(value).__name__} {value!r:.60}."
+        )
+
+
+def check_hashable(name: str, func: Any, why: str) -> None:
+    """Raise `TypeError` unless `func` is hashable; `why` says what needs the hash."""
+    try:
+        hash(func)
+    except TypeError:
+        raise TypeError(
+            f"`{name}` must be hashable {why}; got an unhashable {type(func).__name__}. Pass "
+            "a function (or a `functools.partial` of hashable arguments), or `donate=False`."
+        ) from None
+
+
+def _integer_bits(dtype: np.dtype) -> int:
+    """Bits of magnitude of an integer or boolean dtype: its values all have |n| <= 2**bits."""
+    if dtype == np.bool_:
+        return 1
+    info = np.iinfo(dtype)
+    return info.bits - 1 if info.min < 0 else info.bits
+
+
+def holds_exactly(inexact: np.dtype, integer: np.dtype) -> bool:
+    """Whether every value of the integer (or boolean) dtype is exact in the float dtype.
+
+    A float with a significand of p bits (`nmant + 1`) holds every integer up to 2**p.
+    """
+    return int(jnp.finfo(inexact).nmant) + 1 >= _integer_bits(integer)
+
+
+def cast_loss(source: Any, target: Any) -> str | None:
+    """What casting `source`-dtype values to `target` would lose, or `None` if nothing.
+
+    Only losses of a different kind count: the imaginary part of a complex value cast to
+    a real dtype, and integers a floating dtype does not hold exactly. (Rounding to a
+    narrower float of the same kind is what a cast to the leaf's dtype is for.)
+    """
+    if jnp.issubdtype(source, jnp.complexfloating) and not jnp.issubdtype(
+        target, jnp.complexfloating
+    ):
+        return "its imaginary part"
+    if (
+        jnp.issubdtype(source, jnp.inexact)
+        and not jnp.issubdtype(target, jnp.inexact)
+        and not holds_exactly(np.dtype(source), np.dtype(target))
+    ):
+        return f"integers that {short_dtype(source)} does not hold exactly"
+    return None
+
+
+def check_casts(name: str, tree: PyTree, target_name: str, targets: PyTree) -> None:
+    """Raise `TypeError` at the first leaf of `tree` whose cast to its target would lose values.
+
+    `targets` has the structure of `tree` (checked before); its leaves are arrays (or
+    templates) whose dtypes the leaves of `tree` are cast to. See `cast_loss`.
+    """
+    pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(targets), strict=True)
+    if all(cast_loss(_dtype_of(x), t.dtype) is None for x, t in pairs):
+        return
+    for (path, x), t in zip(
+        jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(targets), strict=True
+    ):
+        loss = cast_loss(_dtype_of(x), t.dtype)
+        if loss is not None:
+            found = f"{describe_leaf(x)} at {where(path)}"
+            raise cast_error(name, found, target_name, where(path), describe_leaf(t), loss)
+
+
+def cast_error(
+    name: str, found: str, target_name: str, path: str, leaf: str, loss: str
+) -> TypeError:
+    """The one wording for a cast that would lose values (`cast_loss`)."""
+    return TypeError(
+        f"`{name}` has {found}, but the leaf of `{target_name}` at {path} is {leaf}; the "
+        f"cast would lose {loss}. Cast `{name}` first if that is meant."
+    )
 
 
 _KINDS: dict[tuple[Any, str], bool] = {}
@@ -169,21 +276,27 @@ def _dtype_of(leaf: Any) -> Any:
     return None
 
 
+def _is_number(leaf: Any) -> bool:
+    return isinstance(leaf, (bool, int, float, complex))
+
+
 def _is_kind(leaf: Any, kind: str) -> bool:
-    """Whether `leaf` is an array (or number) of a `"numeric"` or `"inexact"` dtype."""
+    """Whether `leaf` is an array or number of a `"numeric"`, `"inexact"`, `"floating"` kind."""
     dtype = _dtype_of(leaf)
     return dtype is not None and _dtype_is(dtype, kind)
 
 
 def _dtype_is(dtype: Any, kind: str) -> bool:
-    """Whether `dtype` is `"numeric"` (bool, integer, float, complex) or `"inexact"`.
+    """Whether `dtype` is `"numeric"` (bool, integer, float, complex), `"inexact"` or `"floating"`.
 
     Cached per dtype: a model has a handful, and the test is per leaf on every call.
     """
     known = _KINDS.get((dtype, kind))
     if known is None:
         try:
-            if kind == "inexact":
+            if kind == "floating":
+                known = bool(jnp.issubdtype(dtype, jnp.floating))
+            elif kind == "inexact":
                 known = bool(jnp.issubdtype(dtype, jnp.inexact))
             else:
                 known = bool(jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
@@ -314,28 +427,111 @@ def check_donatable(name: str, tree: PyTree, **others: Any) -> None:
                 )
 
 
-def micro_batch_count(batches: PyTree) -> int:
-    """The length of the leading (micro-batch) axis shared by every leaf of `batches`."""
+def _shared_axis(batches: PyTree, axis: int, missing: str, disagree: str) -> int:
+    """The length of axis `axis` shared by every leaf of `batches` (at least one leaf).
+
+    `missing` and `disagree` are the sentences of the two errors, formatted with `path`,
+    `leaf` (and `first_path`, `first`, `size`, `first_size` for a disagreement).
+    """
     pairs = jax.tree_util.tree_flatten_with_path(batches)[0]
     if not pairs:
         raise ValueError("`batches` must have at least one leaf with a leading micro-batch axis.")
     first_path, first = pairs[0]
+    first_size = None
     for path, leaf in pairs:
-        if np.ndim(leaf) == 0:
+        if np.ndim(leaf) <= axis:
+            raise ValueError(missing.format(path=where(path), leaf=describe_leaf(leaf)))
+        size = np.shape(leaf)[axis]
+        if first_size is None:
+            first_size = size
+        elif size != first_size:
             raise ValueError(
-                f"`batches` leaves must have a leading micro-batch axis; at {where(path)} "
-                "it has a scalar."
+                disagree.format(
+                    first_path=where(first_path), first_size=first_size, path=where(path), size=size
+                )
             )
-        if np.shape(leaf)[0] != np.shape(first)[0]:
-            raise ValueError(
-                "`batches` leaves must share the leading micro-batch axis; "
-                f"{where(first_path)} has {np.shape(first)[0]} micro-batches, "
-                f"{where(path)} has {np.shape(leaf)[0]}."
-            )
-    n = int(np.shape(first)[0])
+    return int(np.shape(first)[axis])
+
+
+def micro_batch_count(batches: PyTree) -> int:
+    """The length of the leading (micro-batch) axis shared by every leaf of `batches`."""
+    n = _shared_axis(
+        batches,
+        0,
+        "`batches` leaves must have a leading micro-batch axis; at {path} it has a scalar.",
+        "`batches` leaves must share the leading micro-batch axis; {first_path} has "
+        "{first_size} micro-batches, {path} has {size}.",
+    )
     if n == 0:
         raise ValueError("`batches` must hold at least one micro-batch; its leading axis is 0.")
     return n
+
+
+def examples_per_micro_batch(batches: PyTree) -> int:
+    """Axis 1 of every leaf of `batches` (they must agree): the examples in one micro-batch.
+
+    For `microbatch_size=None`; call `micro_batch_count` first (it checks axis 0).
+    """
+    size = _shared_axis(
+        batches,
+        1,
+        "`microbatch_size` was not given and cannot be read from `batches`: at {path} the "
+        "leaf {leaf} has no example axis (axis 1). Pass `microbatch_size=`, the number of "
+        "examples in one micro-batch.",
+        "`microbatch_size` was not given and `batches` leaves disagree on the examples per "
+        "micro-batch (axis 1): {first_path} has {first_size}, {path} has {size}. Pass "
+        "`microbatch_size=`.",
+    )
+    if size == 0:
+        raise ValueError("`batches` micro-batches hold no examples: axis 1 of its leaves is 0.")
+    return size
+
+
+def varying_axes(x: Any) -> frozenset[str]:
+    """The mesh axes along which `x` varies inside `shard_map` (empty elsewhere)."""
+    if not hasattr(x, "dtype"):
+        return frozenset()
+    return frozenset(jax.typeof(x).manual_axis_type.varying)
+
+
+def _axis_names(axis_name: str | tuple[str, ...]) -> frozenset[str]:
+    return frozenset((axis_name,) if isinstance(axis_name, str) else axis_name)
+
+
+def tracks_variance(axis_name: str | tuple[str, ...]) -> bool:
+    """Whether JAX's types say what varies along `axis_name`: `shard_map` with `check_vma=True`.
+
+    Read from the type of a zero cast to varying along the axes (the cast is dead code,
+    removed by XLA); False outside `shard_map` (a named `vmap`, `pmap`) and with
+    `check_vma=False`, where nothing is known.
+    """
+    names = _axis_names(axis_name)
+    if not names <= set(jax.sharding.get_abstract_mesh().manual_axes):
+        return False
+    probe = jax.lax.pcast(jnp.zeros((), jnp.float32), tuple(sorted(names)), to="varying")
+    return names <= varying_axes(probe)
+
+
+def check_varies(name: str, tree: PyTree, axis_name: str | tuple[str, ...]) -> None:
+    """Raise `ValueError` if no leaf of `tree` varies along `axis_name` where JAX tracks it.
+
+    Per-replica gradients vary along the data axis. Inside `shard_map` with
+    `check_vma=True`, the gradient with respect to replicated parameters is already the
+    sum over the replicas, the same on every one: the noise between the replicas is lost,
+    and an estimate of it would be a silent zero. Elsewhere nothing is known: no error.
+    """
+    leaves = jax.tree.leaves(tree)
+    names = _axis_names(axis_name)
+    if not leaves or any(names <= varying_axes(x) for x in leaves):
+        return
+    if not tracks_variance(axis_name):
+        return
+    raise ValueError(
+        f"`{name}` is the same on every replica along {axis_name!r}: inside `shard_map` with "
+        "`check_vma=True`, `jax.grad` with respect to replicated parameters already sums "
+        "over the replicas, so the noise between them is lost. Differentiate with respect "
+        "to `jax.lax.pcast(params, axis_name, to='varying')`."
+    )
 
 
 def check_template_leaves(name: str, tree: PyTree) -> None:
@@ -360,8 +556,12 @@ def check_template_leaves(name: str, tree: PyTree) -> None:
         )
 
 
-def check_batch_size(name: str, value: Any) -> float:
-    """`value` as a positive finite Python float (a number of examples), else raise."""
+def check_batch_size(name: str, value: Any, dtype: Any = None) -> float:
+    """`value` as a positive finite Python float (a number of examples), else raise.
+
+    With `dtype`, the number must also be finite in that dtype (the one the estimates
+    are computed in: 1e39 examples is infinite in float32).
+    """
     if isinstance(value, (bool, np.bool_)) or isinstance(value, Tracer):
         kind = "a traced value" if isinstance(value, Tracer) else f"bool {value!r}"
         raise TypeError(
@@ -377,6 +577,11 @@ def check_batch_size(name: str, value: Any) -> float:
     number = float(value)
     if not (number > 0 and np.isfinite(number)):
         raise ValueError(f"`{name}` must be a positive number of examples; got {value!r}.")
+    if dtype is not None and number > float(jnp.finfo(dtype).max):
+        raise ValueError(
+            f"`{name}` must be a number of examples that {np.dtype(dtype).name} holds (at "
+            f"most {float(jnp.finfo(dtype).max):.4g}), the dtype of the estimates; got {value!r}."
+        )
     return number
 
 

@@ -1,9 +1,11 @@
 """Collectives across data-parallel replicas: `grad_psum`, `grad_pmean`; `axis_name` checks."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-from ._checks import check_axis_name, describe_leaf, where
+from ._checks import check_array_leaves, check_axis_name
 from ._numerics import widen
 from ._typing import PyTree
 
@@ -89,13 +91,20 @@ def grad_pmean(grad: PyTree, axis_name: AxisNames) -> PyTree:
                [60000.]], dtype=float16)
     """
     check_axis_name(axis_name)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(grad)[0]:
-        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-            raise TypeError(
-                f"`grad` must have floating-point or complex leaves to be averaged; at "
-                f"{where(path)} it has {describe_leaf(jnp.asarray(leaf))}. "
-                "Use `grad_psum` for integer leaves."
-            )
-    total = jax.lax.psum(jax.tree.map(lambda x: widen(jnp.asarray(x)), grad), axis_name)
+    check_array_leaves("grad", grad, inexact=True, hint="Use `grad_psum` for integer leaves.")
+    mean, _ = pmean_wide(grad, axis_name)
+    return jax.tree.map(lambda m, x: m.astype(jnp.result_type(x)), mean, grad)
+
+
+def pmean_wide(grad: PyTree, axis_name: AxisNames, riders: Any = None) -> tuple[PyTree, Any]:
+    """The all-reduce of `grad_pmean`: the mean in float32 (or wider), and `riders` summed.
+
+    float16 and bfloat16 leaves are widened to float32 before the one `jax.lax.psum`,
+    which also carries `riders` (any pytree, e.g. per-replica squared norms, summed as
+    they are), so a caller that needs more than the mean adds no second collective.
+    Returns `(mean in the widened dtypes, summed riders)`. No checks: callers check.
+    """
+    wide = jax.tree.map(lambda x: widen(jnp.asarray(x)), grad)
+    total, riders = jax.lax.psum((wide, riders), axis_name)
     count = jax.lax.psum(1, axis_name)  # the number of replicas, a constant: no collective
-    return jax.tree.map(lambda t, x: (t / count).astype(jnp.result_type(x)), total, grad)
+    return jax.tree.map(lambda t: t / count, total), riders

@@ -18,7 +18,7 @@ from ._checks import (
     is_traced,
     where,
 )
-from ._donate import placed
+from ._donate import zeros_where
 from ._gradient import Gradient
 from ._typing import Array, DTypeLike, PyTree
 
@@ -189,11 +189,9 @@ def zero_grad(model: Any, *, dtype: DTypeLike | None = None) -> PyTree:
     dtype = _check_dtype(dtype)
     params = parameters(model)
     _check_no_keys(params)
-    if placed(jax.tree.leaves(params)):
-        # Op by op, each zero array takes the sharding of its leaf; one compiled call
-        # would not (the zeros read nothing from `params`, so XLA would replicate them).
-        return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype), params)
-    return _zeros_like(params, dtype=dtype)
+    leaves, treedef = jax.tree.flatten(params)
+    dtypes = [jnp.result_type(x) if dtype is None else dtype for x in leaves]
+    return jax.tree.unflatten(treedef, zeros_where(leaves, dtypes))
 
 
 def _check_dtype(dtype: Any) -> Any:
@@ -207,11 +205,6 @@ def _check_dtype(dtype: Any) -> Any:
             f"`dtype` must be a dtype such as `jnp.float32`, or None; got "
             f"{type(dtype).__name__} {dtype!r:.60}."
         ) from None
-
-
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _zeros_like(params: PyTree, dtype: Any = None) -> PyTree:
-    return jax.tree.map(lambda x: jnp.zeros_like(x, dtype=dtype), params)
 
 
 def random_grad(
@@ -295,31 +288,16 @@ def _check_inexact(params: PyTree, sampler: Sampler) -> None:
     Integer, boolean and PRNG-key leaves have no random gradient, and
     `jax.random.uniform` draws only real numbers.
     """
-    real_only = sampler is jax.random.uniform
-    wanted = jnp.floating if real_only else jnp.inexact
-
-    def fits(leaf: Any) -> bool:
-        dtype = _leaf_dtype(leaf)
-        return dtype is not None and not _is_key(dtype) and jnp.issubdtype(dtype, wanted)
-
-    if all(map(fits, jax.tree.leaves(params))):  # the fast path: no key paths
-        return
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if fits(leaf):
-            continue
-        dtype = _leaf_dtype(leaf)
-        scalar = isinstance(leaf, (bool, int, float, complex))
-        found = describe_leaf(jnp.asarray(leaf) if scalar else leaf)
-        if real_only and dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating):
-            raise TypeError(
-                f"`sampler=jax.random.uniform` draws real numbers, but at {where(path)} "
-                f"`model` has the complex leaf {found}; pass `sampler=jax.random.normal`."
-            )
-        raise TypeError(
-            f"`model` must have floating-point leaves to be filled with random values; at "
-            f"{where(path)} it has {found}. Leave integer, boolean and PRNG-key leaves out "
-            "of the tree, or cast them first."
+    if sampler is jax.random.uniform:
+        hint = (
+            "Leave integer and boolean leaves out of the tree, or cast them first; for "
+            "complex leaves pass `sampler=jax.random.normal` (`jax.random.uniform` draws "
+            "real numbers)."
         )
+        check_array_leaves("model", params, real=True, hint=hint)
+    else:
+        hint = "Leave integer and boolean leaves out of the tree, or cast them first."
+        check_array_leaves("model", params, inexact=True, hint=hint)
 
 
 def _sample(

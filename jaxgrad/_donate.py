@@ -5,13 +5,16 @@ to different devices (a model placed layer by layer by hand) make it fail with X
 "incompatible devices". `per_device` calls a leafwise kernel once per set of devices,
 where the leaves are, so that donation reuses every buffer in place. A compiled call
 that reads no input (zeros) runs on the default device; `placed` says when the leaves
-live elsewhere, so that their zeros must be placed one by one.
+live elsewhere, so that their zeros must be placed one by one (`zeros_where`).
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.core import Tracer
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
@@ -48,6 +51,39 @@ def placed(leaves: Sequence[Any]) -> bool:
         if sharding is not None and sharding.device_set != {default}:
             return True
     return False
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _zeros(specs: tuple[tuple[tuple[int, ...], Any], ...]) -> list[jax.Array]:
+    return [jnp.zeros(shape, dtype) for shape, dtype in specs]
+
+
+def zeros_where(leaves: Sequence[Any], dtypes: Sequence[Any]) -> list[jax.Array]:
+    """Zeros shaped like each leaf, of the matching dtype, each where its leaf lives.
+
+    Leaves may be arrays, numbers or `jax.ShapeDtypeStruct`s. Three cases, one answer:
+    traced leaves (inside the user's `jax.jit`) get `zeros_like`, which keeps a traced
+    leaf's sharding in its type (explicit mesh axes); leaves placed off the default
+    device get their zeros op by op, each with its leaf's sharding (one compiled call
+    that reads nothing would put them all on the default device); otherwise one
+    compiled call makes them all.
+    """
+    dtypes = [jax.dtypes.canonicalize_dtype(d) for d in dtypes]
+    specs = tuple(
+        (tuple(x.shape) if hasattr(x, "shape") else np.shape(x), d)
+        for x, d in zip(leaves, dtypes, strict=True)
+    )
+    if any(isinstance(x, Tracer) for x in leaves):
+        return [
+            jnp.zeros_like(x, d) if isinstance(x, jax.Array) else jnp.zeros(shape, d)
+            for x, (shape, d) in zip(leaves, specs, strict=True)
+        ]
+    if placed(leaves):
+        return [
+            jnp.zeros(shape, d, device=sharding_of(x))
+            for x, (shape, d) in zip(leaves, specs, strict=True)
+        ]
+    return _zeros(specs)
 
 
 def replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding | None:

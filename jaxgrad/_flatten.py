@@ -10,9 +10,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ._checks import (
+    cast_error,
+    cast_loss,
+    check_array,
     check_array_leaves,
     check_template_leaves,
     describe_leaf,
+    holds_exactly,
     is_traced,
     nnx_params,
     short_dtype,
@@ -26,22 +30,6 @@ def _common_dtype(dtypes: list[np.dtype]) -> np.dtype:
         return np.dtype(np.float32)
     with jax.numpy_dtype_promotion("standard"):
         return np.dtype(jnp.result_type(*dtypes))
-
-
-def _integer_bits(dtype: np.dtype) -> int:
-    """Bits of magnitude of an integer or boolean dtype: its values all have |n| <= 2**bits."""
-    if dtype == np.bool_:
-        return 1
-    info = np.iinfo(dtype)
-    return info.bits - 1 if info.min < 0 else info.bits
-
-
-def _holds_exactly(inexact: np.dtype, integer: np.dtype) -> bool:
-    """Whether every value of the integer (or boolean) dtype is exact in the float dtype.
-
-    A float with a significand of p bits (`nmant + 1`) holds every integer up to 2**p.
-    """
-    return int(jnp.finfo(inexact).nmant) + 1 >= _integer_bits(integer)
 
 
 def _x64() -> bool:
@@ -83,7 +71,7 @@ def _flat_dtype_of(distinct: frozenset[np.dtype], x64: bool) -> np.dtype | None:
     if not inexact or not integer:
         return _common_dtype(dtypes)
     for candidate in _widenings(_common_dtype(inexact)):
-        if all(_holds_exactly(candidate, d) for d in integer):
+        if all(holds_exactly(candidate, d) for d in integer):
             return candidate
     return None
 
@@ -96,7 +84,7 @@ def _mixed_kinds_error(grad: PyTree, leaves: list[Array]) -> TypeError:
     path, leaf = next(
         (path, x)
         for path, x in zip(paths, leaves, strict=True)
-        if not jnp.issubdtype(x.dtype, jnp.inexact) and not _holds_exactly(widest, x.dtype)
+        if not jnp.issubdtype(x.dtype, jnp.inexact) and not holds_exactly(widest, x.dtype)
     )
     x64 = "" if _x64() else " (float64 would, with `jax_enable_x64`)"
     return TypeError(
@@ -153,8 +141,7 @@ def _flatten(grad: PyTree) -> Array:
     leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
     dtypes = [np.dtype(x.dtype) for x in leaves]
     dtype = _flat_dtype(dtypes)
-    if dtype is None:  # checked in front, by `grad_flatten`
-        raise _mixed_kinds_error(grad, leaves)
+    assert dtype is not None  # checked in front, by `grad_flatten`
     if not leaves:
         return jnp.zeros((0,), dtype)
     return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in _ravelable(leaves)])
@@ -168,8 +155,6 @@ def _ravelable(leaves: list[Array]) -> list[Array]:
     its first dimension, and all alike, the sharded leaves are replicated first. Without
     explicit axes every spec is empty and the leaves pass unchanged.
     """
-    if not hasattr(jax, "typeof"):  # a JAX without explicit sharding
-        return leaves
     specs = [tuple(jax.typeof(x).sharding.spec) for x in leaves]
     firsts = {spec[0] if spec else None for spec in specs}
     if len(firsts) == 1 and all(entry is None for spec in specs for entry in spec[1:]):
@@ -201,7 +186,8 @@ def grad_unflatten(vector: ArrayLike, like: PyTree) -> PyTree:
         A pytree with the structure, shapes and dtypes of `like`.
 
     Raises:
-        TypeError: if the cast to a leaf's dtype could lose values: a complex `vector`
+        TypeError: if `vector` is not a numeric array (`None`, a string...), or if the
+            cast to a leaf's dtype could lose values: a complex `vector`
             into real leaves (the imaginary part), or a floating-point `vector` into
             integer leaves that its dtype does not hold exactly (float32 into int32;
             float32 into int16 is fine). A `vector` of the dtype `grad_flatten(like)`
@@ -216,6 +202,7 @@ def grad_unflatten(vector: ArrayLike, like: PyTree) -> PyTree:
     """
     like = nnx_params(like)
     check_template_leaves("like", like)
+    check_array("vector", vector)
     vector = jnp.asarray(vector)
     if vector.ndim != 1:
         raise ValueError(f"`vector` must be 1-D; got shape {tuple(vector.shape)}.")
@@ -233,42 +220,24 @@ def grad_unflatten(vector: ArrayLike, like: PyTree) -> PyTree:
     return _unflatten_jit(vector, treedef, spec)
 
 
-def _cast_loss(source: np.dtype, target: np.dtype) -> str | None:
-    """What casting `source` values to `target` would lose, or `None` if nothing."""
-    if jnp.issubdtype(source, jnp.complexfloating) and not jnp.issubdtype(
-        target, jnp.complexfloating
-    ):
-        return "its imaginary part"
-    if (
-        jnp.issubdtype(source, jnp.inexact)
-        and not jnp.issubdtype(target, jnp.inexact)
-        and not _holds_exactly(source, target)
-    ):
-        return f"integers that {short_dtype(source)} does not hold exactly"
-    return None
-
-
 def _check_casts(source: np.dtype, like: PyTree, targets: list[np.dtype]) -> None:
     """Raise `TypeError` at the first leaf of `like` that `source` values cannot fill exactly.
 
     A vector of the dtype `grad_flatten(like)` would have passes: its pieces are exact in
     their leaves' dtypes when it comes from `grad_flatten` (the round trip).
     """
-    if all(_cast_loss(source, target) is None for target in set(targets)):
+    if all(cast_loss(source, target) is None for target in set(targets)):
         return
     if source == _flat_dtype(targets):
         return
     for (path, template), target in zip(
         jax.tree_util.tree_flatten_with_path(like)[0], targets, strict=True
     ):
-        loss = _cast_loss(source, target)
+        loss = cast_loss(source, target)
         if loss is not None:
             leaf = describe_leaf(jax.ShapeDtypeStruct(_shape_of(template), target))
-            raise TypeError(
-                f"`vector` has dtype {short_dtype(source)}, but the leaf of `like` at "
-                f"{where(path)} is {leaf}; the cast would lose {loss}. Cast `vector` first "
-                "if that is meant."
-            )
+            found = f"dtype {short_dtype(source)}"
+            raise cast_error("vector", found, "like", where(path), leaf, loss)
 
 
 def _shape_of(template: Any) -> tuple[int, ...]:

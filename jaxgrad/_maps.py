@@ -9,6 +9,7 @@ import jax
 from ._checks import (
     check_callable,
     check_donatable,
+    check_hashable,
     check_same_structure,
     is_traced,
     nnx_params,
@@ -48,6 +49,9 @@ def _apply_donated(func: Callable[[Any], Any], grad: PyTree) -> PyTree:
 @functools.partial(jax.jit, static_argnames=("func",), donate_argnames=("grad1",))
 def _mapzip_donated(func: Callable[[Any, Any], Any], grad1: PyTree, grad2: PyTree) -> PyTree:
     return _map_new_leaves("grad_mapzip_", "grad1", func, grad1, grad2)
+
+
+_WHY_HASHABLE = "with `donate=True`, which compiles it once per function object"
 
 
 def grad_apply(func: Callable[[Any], Any], grad: PyTree) -> PyTree:
@@ -108,8 +112,8 @@ def grad_apply_(func_: Callable[[Any], Any], grad: PyTree, *, donate: bool = Fal
 
     Raises:
         TypeError: if `func_` is not callable, or returns `None` for a leaf (paysage's
-            in-place style; the message names the key path). With `donate=True` this is
-            raised before anything is donated.
+            in-place style; the message names the key path), or, with `donate=True`, is
+            not hashable. With `donate=True` this is raised before anything is donated.
         ValueError: with `donate=True`, if one array appears twice in `grad`.
 
     Example:
@@ -124,6 +128,7 @@ def grad_apply_(func_: Callable[[Any], Any], grad: PyTree, *, donate: bool = Fal
     grad = nnx_params(grad)
     check_callable("func_", func_)
     if donate and not is_traced(grad):
+        check_hashable("func_", func_, _WHY_HASHABLE)
         check_donatable("grad", grad)
         return per_device(functools.partial(_apply_donated, func_), grad)
     return _map_new_leaves("grad_apply_", "grad", func_, grad)
@@ -189,8 +194,8 @@ def grad_mapzip_(
 
     Raises:
         TypeError: if `func_` is not callable, or returns `None` for a leaf (paysage's
-            in-place style; the message names the key path). With `donate=True` this is
-            raised before anything is donated.
+            in-place style; the message names the key path), or, with `donate=True`, is
+            not hashable. With `donate=True` this is raised before anything is donated.
         ValueError: if the structures differ (the message names the first differing
             key path), or, with `donate=True`, if an array of `grad1` appears twice in
             it or also in `grad2`.
@@ -205,6 +210,7 @@ def grad_mapzip_(
     check_callable("func_", func_)
     check_same_structure("grad1", grad1, "grad2", grad2)
     if donate and not is_traced((grad1, grad2)):
+        check_hashable("func_", func_, _WHY_HASHABLE)
         check_donatable("grad1", grad1, grad2=grad2)
         return per_device(functools.partial(_mapzip_donated, func_), grad1, grad2)
     return _map_new_leaves("grad_mapzip_", "grad1", func_, grad1, grad2)

@@ -17,20 +17,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._accumulator import GradSum
+from ._accumulator import (
+    GradSum,
+    call_grad_fn,
+    gradient_of,
+    narrow,
+    scan_gradients,
+    wide_mean,
+)
 from ._checks import (
     check_array_leaves,
     check_axis_name,
     check_batch_size,
     check_callable,
     check_decay,
-    check_same_shapes,
-    check_same_structure,
-    describe_leaf,
+    check_varies,
+    examples_per_micro_batch,
     micro_batch_count,
     nnx_params,
-    where,
+    varying_axes,
 )
+from ._collectives import pmean_wide
 from ._naming import By, Groups, logger_dict, resolve_groups
 from ._numerics import (
     AxisName,
@@ -38,7 +45,6 @@ from ._numerics import (
     accumulation_dtype,
     axis_size,
     reduce_tree,
-    widen,
 )
 from ._typing import Array, ArrayLike, DTypeLike, PyTree
 
@@ -124,7 +130,8 @@ class NoiseScaleState:
             number of examples; NaN while `grad_sq` is not positive (before the first
             step, or while the signal is below the noise of its own estimate).
         count: the number of steps averaged (0-d int32); steps whose estimates were not
-            finite are skipped.
+            finite are skipped. It saturates at 2**31 - 1 (the weights are then
+            `1 - decay` for good, as they were long before), never wraps.
         names: the static group names; `names[0] == ""` is the whole gradient.
 
     Example:
@@ -173,30 +180,6 @@ jax.tree_util.register_dataclass(
 # -- argument checks ---------------------------------------------------------------------
 
 
-def _examples_per_microbatch(batches: PyTree) -> int:
-    """Axis 1 of every leaf of `batches` (they must agree): the micro-batch size."""
-    pairs = jax.tree_util.tree_flatten_with_path(batches)[0]
-    first_path, first = pairs[0]
-    for path, leaf in pairs:
-        if np.ndim(leaf) < 2:
-            raise ValueError(
-                "`microbatch_size` was not given and cannot be read from `batches`: at "
-                f"{where(path)} the leaf {describe_leaf(leaf)} has no example axis (axis 1). "
-                "Pass `microbatch_size=`, the number of examples in one micro-batch."
-            )
-        if np.shape(leaf)[1] != np.shape(first)[1]:
-            raise ValueError(
-                "`microbatch_size` was not given and `batches` leaves disagree on the "
-                f"examples per micro-batch (axis 1): {where(first_path)} has "
-                f"{np.shape(first)[1]}, {where(path)} has {np.shape(leaf)[1]}. Pass "
-                "`microbatch_size=`."
-            )
-    size = int(np.shape(first)[1])
-    if size == 0:
-        raise ValueError("`batches` micro-batches hold no examples: axis 1 of its leaves is 0.")
-    return size
-
-
 def _undefined(what: str, small: float, hint: str) -> ValueError:
     return ValueError(
         f"{what}: the small and the big batch coincide (B_small = B_big = {small:g} "
@@ -232,17 +215,20 @@ def squared_norms(
 
 
 def estimates(
-    small_sq: Array, big_sq: Array, b_small: float, b_big: float, names: tuple[str, ...]
+    small_sq: Array, big_sq: Array, b_small: float, count: int, names: tuple[str, ...]
 ) -> NoiseScale:
-    """The unbiased estimates from the mean squared norm at `b_small` and the one at `b_big`.
+    """The unbiased estimates from the mean squared norm at `b_small` and at `count * b_small`.
 
-    With `E|G_B|^2 = |G|^2 + tr(Sigma) / B` at both sizes, the two linear equations give
-    `|G|^2 = (b_big |G_big|^2 - b_small |G_small|^2) / (b_big - b_small)` and
-    `tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1 / b_small - 1 / b_big)`.
+    With `E|G_B|^2 = |G|^2 + tr(Sigma) / B` at both sizes (`b_big = count * b_small`), the
+    two linear equations give `|G|^2 = (b_big |G_big|^2 - b_small |G_small|^2) / (b_big -
+    b_small)` and `tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1 / b_small - 1 / b_big)`.
+    Written with the ratio `count`, the coefficients are `count / (count - 1)`,
+    `1 / (count - 1)` and `b_small * count / (count - 1)`: none overflows for a batch
+    size the estimates' dtype holds (`check_batch_size` with that dtype).
     """
-    spread = b_big - b_small
-    grad_sq = (b_big / spread) * big_sq - (b_small / spread) * small_sq
-    trace_cov = (b_small * b_big / spread) * (small_sq - big_sq)
+    ratio = count / (count - 1)
+    grad_sq = ratio * big_sq - small_sq / (count - 1)
+    trace_cov = ((small_sq - big_sq) * b_small) * ratio
     return NoiseScale(grad_sq=grad_sq, trace_cov=trace_cov, names=names)
 
 
@@ -304,10 +290,11 @@ def grad_microbatch_noise(
         ValueError: if `batches` has no leaves, a scalar leaf or leading axes that
             differ; if there is a single micro-batch (and no other replica), where the
             estimate is undefined; if `microbatch_size` is not given and cannot be read
-            from axis 1 of `batches`; if `grad_fn` returns a gradient whose structure
-            or shapes differ from those of `params`; or if, inside `shard_map` with
-            `check_vma=True`, the gradients do not vary along `axis_name` while the
-            batches do (`jax.grad` of replicated parameters, already summed).
+            from axis 1 of `batches`, or is more than the estimates' dtype holds
+            (1e39 in float32); if `grad_fn` returns a gradient whose structure or shapes
+            differ from those of `params` (the checks of `grad_microbatch_mean`); or
+            if, inside `shard_map` with `check_vma=True`, the gradients do not vary
+            along `axis_name` (`jax.grad` of replicated parameters, already summed).
 
     Example:
         >>> loss = lambda w, batch: jnp.mean((batch["x"] * w - batch["y"]) ** 2) / 2
@@ -322,12 +309,13 @@ def grad_microbatch_noise(
     check_callable("grad_fn", grad_fn)
     check_axis_name(axis_name, optional=True)
     micro = micro_batch_count(batches)
-    if micro == 0:
-        raise ValueError("`batches` must hold at least one micro-batch; its leading axis is 0.")
+    init = GradSum.zeros_like(params, dtype=dtype)
+    leaves_of = jax.tree.leaves(init.total)
+    acc = accumulation_dtype([*(x.dtype for x in leaves_of), np.dtype(dtype)])
     b_small = (
-        float(_examples_per_microbatch(batches))
+        float(examples_per_micro_batch(batches))
         if microbatch_size is None
-        else check_batch_size("microbatch_size", microbatch_size)
+        else check_batch_size("microbatch_size", microbatch_size, acc)
     )
     replicas = axis_size(axis_name)
     if micro * replicas == 1:
@@ -339,57 +327,31 @@ def grad_microbatch_noise(
             "where no estimate is wanted).",
         )
     groups = resolve_groups(params, by)
-    init = GradSum.zeros_like(params, dtype=dtype)
-    leaves_of = jax.tree.leaves(init.total)
-    acc = accumulation_dtype([*(x.dtype for x in leaves_of), np.dtype(dtype)])
     segments = _segments(groups, len(leaves_of))
     names = ("", *(name for name, _ in groups))
     pack = True
     sq_init = jnp.zeros(len(names), acc)
-    if axis_name is not None or any(_vma(x) for x in jax.tree.leaves((params, batches))):
+    if axis_name is not None or any(varying_axes(x) for x in jax.tree.leaves((params, batches))):
         init, sq_init = _varying_like_grads(
             grad_fn, params, batches, has_aux, init, sq_init, axis_name
         )
 
-    def body(carry: tuple[GradSum, Array], batch: PyTree) -> tuple[Any, Any]:
-        state, sq = carry
-        out = grad_fn(params, batch)
-        grad, aux = out if has_aux else (out, None)
-        check_same_structure("params", params, "grad_fn(params, batch)", grad)
-        check_same_shapes("params", params, "grad_fn(params, batch)", grad)
+    def fold(sq: Array, grad: PyTree) -> Array:
         leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
-        sq = sq + squared_norms(leaves, segments, acc, pack)
-        return (state.add(grad), sq), aux
+        return sq + squared_norms(leaves, segments, acc, pack)
 
-    (state, sq), aux = jax.lax.scan(body, (init, sq_init), batches)
-    total = state.total
-    if axis_name is not None:
-        total, sq = jax.lax.psum((total, sq), axis_name)
-    count = micro * replicas
-    wide = jax.tree.map(lambda t: t / count, total)
-    big = squared_norms([jnp.asarray(x) for x in jax.tree.leaves(wide)], segments, acc, pack)
-    noise = estimates(sq / count, big, b_small, b_small * count, names)
-    treedef = jax.tree.structure(wide)
-    mean = jax.tree.unflatten(
-        treedef,
-        [
-            x.astype(d)
-            for x, d in zip(jax.tree.leaves(wide), init.dtypes, strict=True)  # leaf dtypes
-        ],
+    state, sq, aux = scan_gradients(
+        grad_fn, params, batches, init, has_aux=has_aux, fold=fold, carry=sq_init
     )
+    count = micro * replicas
+    if axis_name is not None:  # one all-reduce: the replicas' mean sums, and the squares
+        total, sq = pmean_wide(state.total, axis_name, sq)
+        state = dataclasses.replace(state, total=total)
+    wide = wide_mean(state)
+    big = squared_norms(jax.tree.leaves(wide), segments, acc, pack)
+    noise = estimates(sq / count, big, b_small, count, names)
+    mean = narrow(wide, state.dtypes)
     return ((mean, aux) if has_aux else mean), noise
-
-
-def _vma(x: Any) -> frozenset[str]:
-    """The mesh axes along which `x` varies inside `shard_map` (empty elsewhere)."""
-    typeof = getattr(jax, "typeof", None)
-    if typeof is None or not hasattr(x, "dtype"):
-        return frozenset()
-    aval = typeof(x)
-    vma = getattr(aval, "vma", None)  # JAX 0.7 to 0.9
-    if vma is None:  # JAX 0.10
-        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
-    return frozenset(vma or ())
 
 
 def _varying_like_grads(
@@ -412,30 +374,21 @@ def _varying_like_grads(
     """
 
     def first(params: PyTree, batches: PyTree) -> Any:
-        out = grad_fn(params, jax.tree.map(lambda x: x[0], batches))
-        return out[0] if has_aux else out
+        out = call_grad_fn(grad_fn, params, jax.tree.map(lambda x: x[0], batches))
+        return gradient_of(out, has_aux, params)[0]
 
     shapes = jax.eval_shape(first, params, batches)
-    check_same_structure("params", params, "grad_fn(params, batch)", shapes)
-    axes = [_vma(x) for x in jax.tree.leaves(shapes)]
+    axes = [varying_axes(x) for x in jax.tree.leaves(shapes)]
     if axis_name is not None:
-        names = {axis_name} if isinstance(axis_name, str) else set(axis_name)
-        data_varies = any(names <= _vma(x) for x in jax.tree.leaves(batches))
-        if axes and data_varies and not any(names <= vma for vma in axes):
-            raise ValueError(
-                f"`grad_fn` returns the same gradient on every replica along {axis_name!r} "
-                "although `batches` differ: inside `shard_map` with `check_vma=True`, "
-                "`jax.grad` with respect to replicated parameters already sums over the "
-                "replicas. Pass `jax.lax.pcast(params, axis_name, to='varying')` as `params`."
-            )
+        check_varies("grad_fn(params, batch)", shapes, axis_name)
 
     def cast(x: Array, vma: frozenset[str]) -> Array:
-        missing = vma - _vma(x)  # a carry made by zeros_like may vary already
+        missing = vma - varying_axes(x)  # a carry made by zeros_like may vary already
         return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
 
     leaves, treedef = jax.tree.flatten(init.total)
     total = jax.tree.unflatten(treedef, [cast(x, v) for x, v in zip(leaves, axes, strict=True)])
-    state = GradSum(total=total, count=init.count, dtypes=init.dtypes)
+    state = dataclasses.replace(init, total=total)
     return state, cast(sq, frozenset().union(*axes))
 
 
@@ -460,7 +413,9 @@ def grad_pmean_noise(
     over its examples): inside `shard_map` with `check_vma=True`, differentiate with
     respect to `jax.lax.pcast(params, axis_name, to="varying")`, since `jax.grad` with
     respect to replicated parameters already sums over the replicas (every replica then
-    holds the same gradient and the estimated noise is zero).
+    holds the same gradient, and the noise between them is lost): such a gradient is
+    refused, read from JAX's types. With `check_vma=False` JAX does not track what
+    varies, and nothing can be checked.
 
     Args:
         grad: this replica's gradient: a `Gradient` or any pytree of floating-point
@@ -478,8 +433,11 @@ def grad_pmean_noise(
         TypeError: if `axis_name` is not a str or a non-empty tuple of str, a leaf is
             not floating-point or complex, `batch_per_replica` is not a number, or `by`
             is not a valid grouping.
-        ValueError: if `batch_per_replica` is not positive, or there is one replica
-            along `axis_name` (the estimate is undefined).
+        ValueError: if `batch_per_replica` is not positive or more than float32 (the
+            estimates' dtype) holds; if there is one replica along `axis_name` (the
+            estimate is undefined); or if, inside `shard_map` with `check_vma=True`,
+            `grad` does not vary along `axis_name` (the gradient of replicated
+            parameters, already summed over the replicas: the noise would read 0).
 
     Example:
         >>> per_replica = {"w": jnp.array([[1.0], [3.0]])}  # 2 replicas, 4 examples each
@@ -491,7 +449,10 @@ def grad_pmean_noise(
     """
     check_axis_name(axis_name)
     check_array_leaves("grad", grad, inexact=True)
-    b_small = check_batch_size("batch_per_replica", batch_per_replica)
+    leaves, treedef = jax.tree.flatten(grad)
+    leaves = [jnp.asarray(x) for x in leaves]
+    acc = accumulation_dtype(x.dtype for x in leaves)
+    b_small = check_batch_size("batch_per_replica", batch_per_replica, acc)
     replicas = axis_size(axis_name)
     if replicas == 1:
         raise _undefined(
@@ -500,18 +461,15 @@ def grad_pmean_noise(
             "Use `grad_pmean` on one device, or `grad_microbatch_noise` to measure the noise "
             "scale from micro-batches.",
         )
+    check_varies("grad", leaves, axis_name)
     groups = resolve_groups(grad, by)
-    leaves, treedef = jax.tree.flatten(grad)
-    leaves = [jnp.asarray(x) for x in leaves]
-    acc = accumulation_dtype(x.dtype for x in leaves)
     segments = _segments(groups, len(leaves))
     names = ("", *(name for name, _ in groups))
     pack = True
     sq = squared_norms(leaves, segments, acc, pack)
-    total, sq = jax.lax.psum(([widen(x) for x in leaves], sq), axis_name)
-    wide = [t / replicas for t in total]
+    wide, sq = pmean_wide(leaves, axis_name, sq)  # grad_pmean's all-reduce, squares riding
     big = squared_norms(wide, segments, acc, pack)
-    noise = estimates(sq / replicas, big, b_small, b_small * replicas, names)
+    noise = estimates(sq / replicas, big, b_small, replicas, names)
     mean = [m.astype(x.dtype) for m, x in zip(wide, leaves, strict=True)]
     return jax.tree.unflatten(treedef, mean), noise
 
@@ -559,15 +517,23 @@ def noise_scale_init(params: PyTree, *, by: By = None) -> NoiseScaleState:
     )
 
 
+_COUNT_MAX = 2**31 - 1  # the int32 step count saturates here (the weights no longer change)
+
+
 @jax.jit
-def _update(state: NoiseScaleState, noise: NoiseScale, decay: Array) -> NoiseScaleState:
+def _update(state: NoiseScaleState, noise: NoiseScale, rate: Array) -> NoiseScaleState:
     acc = state.grad_sq.dtype
     grad_sq, trace_cov = noise.grad_sq.astype(acc), noise.trace_cov.astype(acc)
     finite = jnp.all(jnp.isfinite(grad_sq)) & jnp.all(jnp.isfinite(trace_cov))
-    count = state.count + finite.astype(jnp.int32)
-    decay = jnp.asarray(decay, acc)
-    # The debiased EMA in one recursion: weight (1 - d) / (1 - d**t) on the new value.
-    weight = (1 - decay) / (1 - decay ** jnp.maximum(count, 1).astype(acc))
+    count = state.count + (finite & (state.count < _COUNT_MAX)).astype(jnp.int32)
+    # The debiased EMA in one recursion: weight (1 - d) / (1 - d**t) on the new value,
+    # from the rate r = 1 - d (exact for a Python decay, whose float32 value may be 1.0):
+    # 1 - d**t = -expm1(t log1p(-r)) loses nothing as r -> 0, and at r = 0 the weight is
+    # its limit 1 / t, the plain running mean.
+    rate = jnp.asarray(rate, acc)
+    t = jnp.maximum(count, 1).astype(acc)
+    unbiased = rate / -jnp.expm1(t * jnp.log1p(-rate))
+    weight = jnp.where(rate > 0, unbiased, 1 / t)
     weight = jnp.where(finite, weight, 0)
     new_grad_sq = state.grad_sq + weight * (jnp.where(finite, grad_sq, 0) - state.grad_sq)
     new_trace = state.trace_cov + weight * (jnp.where(finite, trace_cov, 0) - state.trace_cov)
@@ -595,7 +561,10 @@ def noise_scale_update(
         noise: the step's `NoiseScale`, with the same group names as `state`.
         decay: the weight of the past, in [0, 1); the averages span about
             `1 / (1 - decay)` steps (100 for the default 0.99). A Python number is
-            checked; a traced scalar is used as it is.
+            checked, and a decay so close to 1 that float32 rounds it to 1.0 still
+            works (the weights use `1 - decay`, computed in float64 on the host); a
+            traced scalar is used as it is, and one equal to 1.0 gives the plain
+            running mean (the limit of the debiased average).
 
     Returns:
         The updated `NoiseScaleState`.
@@ -629,4 +598,4 @@ def noise_scale_update(
             f"{list(state.names)}, `noise` has {list(noise.names)}. Give "
             "`noise_scale_init` the `by` of the estimating function."
         )
-    return _update(state, noise, check_decay(decay))
+    return _update(state, noise, 1 - check_decay(decay))

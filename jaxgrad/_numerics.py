@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
+from ._checks import tracks_variance, varying_axes
 from ._typing import Array, PyTree
 
 AxisName = str | tuple[str, ...] | None
@@ -127,14 +128,6 @@ def axis_size(axis_name: AxisName) -> int:
     return 1 if axis_name is None else int(jax.lax.psum(1, axis_name))
 
 
-def varying_axes(x: Any) -> frozenset[str]:
-    """The mesh axes along which `x` varies, from its type inside `shard_map(check_vma=True)`."""
-    if not hasattr(x, "dtype"):
-        return frozenset()
-    manual = getattr(jax.typeof(x), "manual_axis_type", None)
-    return frozenset(getattr(manual, "varying", None) or ())
-
-
 def shard_axes(leaves: Sequence[Any], axis_name: AxisName) -> list[tuple[str, ...]]:
     """For each leaf, the axes of `axis_name` along which it is a shard (to be summed over).
 
@@ -146,8 +139,7 @@ def shard_axes(leaves: Sequence[Any], axis_name: AxisName) -> list[tuple[str, ..
     axes = axis_names(axis_name)
     if not axes:
         return [()] * len(leaves)
-    typed = all(a in varying_axes(jax.lax.axis_index(a)) for a in axes)
-    if not typed:
+    if not tracks_variance(axes):
         return [axes] * len(leaves)
     return [tuple(a for a in axes if a in varying_axes(x)) for x in leaves]
 
@@ -613,9 +605,12 @@ def reduce_tree(
                 for s, n in zip(found["plain"], entries, strict=True)
             ]
             need = ~jnp.all(jnp.concatenate(trusted))
+            # zeros of the types of the scaled sums (inside shard_map they vary along
+            # the axes the plain sums vary along): `where(True, 0, plain)`
             skip = {
                 name: [
-                    jnp.zeros((seg.groups,), counting if name == "count" else acc) for seg in segs
+                    jnp.where(True, 0, p).astype(counting if name == "count" else acc)
+                    for p in found["plain"]
                 ]
                 for name in rare
             }

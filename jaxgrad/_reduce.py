@@ -16,6 +16,7 @@ from ._checks import (
     check_donatable,
     checked_call,
     describe_leaf,
+    is_numeric,
     is_traced,
     nnx_params,
     where,
@@ -61,8 +62,9 @@ def grad_accumulate(
         A 0-d array; `float()` works on it outside `jax.jit`.
 
     Raises:
-        TypeError: if `func` is not callable, or a leaf is not a numeric array (the
-            message names its key path).
+        TypeError: if `func` is not callable, a leaf is not a numeric array, or `func`
+            returns something that is not a number or numeric array for some leaf (a
+            str, None...; the message names the key path).
         ValueError: if `func` returns a non-scalar for some leaf (the message names it).
 
     Example:
@@ -76,6 +78,12 @@ def grad_accumulate(
     leaves = jax.tree.leaves(grad)
     values = [func(leaf) for leaf in leaves]
     for i, value in enumerate(values):
+        if not is_numeric(value):
+            path = jax.tree_util.tree_flatten_with_path(grad)[0][i][0]
+            raise TypeError(
+                f"`func` must return a numeric scalar for every leaf of `grad`; at "
+                f"{where(path)} it returned {type(value).__name__} {value!r:.60}."
+            )
         if jnp.ndim(value) != 0:
             path = jax.tree_util.tree_flatten_with_path(grad)[0][i][0]
             raise ValueError(

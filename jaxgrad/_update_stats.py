@@ -18,7 +18,7 @@ from ._checks import (
     nnx_params,
 )
 from ._naming import By, Groups, logger_dict, resolve_groups
-from ._numerics import AxisName, Segments, may_pack, norms, rms, tree_leaves
+from ._numerics import AxisName, Segments, reduce_tree, tree_leaves
 from ._typing import Array, PyTree
 
 
@@ -127,17 +127,14 @@ def _norms_and_rms(
     param_ids = np.where(user.ids < g, user.ids + g, out)
     sides = Segments(np.repeat(np.arange(2, dtype=np.int32), n), 2)
     both = Segments(np.concatenate([update_ids, param_ids]).astype(np.int32), 2 * g)
-    result = norms(leaves, [Segments.whole(2 * n), sides, both], axis_name=axis_name, pack=pack)
-    _, side, group = result.norms
-    update_norm = jnp.concatenate([side[:1], group[:g]])
-    param_norm = jnp.concatenate([side[1:], group[g:]])
-    sizes = [x.size for x in update_leaves]
-    counts = np.concatenate([Segments.whole(n).sizes(sizes), user.sizes(sizes)])
+    found = reduce_tree(leaves, [sides, both], axis_name=axis_name, pack=pack)
+    _, side, group = found.norms()
+    _, side_rms, group_rms = found.rms()
     return (
-        update_norm,
-        param_norm,
-        rms(update_norm, counts, axis_name),
-        rms(param_norm, counts, axis_name),
+        jnp.concatenate([side[:1], group[:g]]),
+        jnp.concatenate([side[1:], group[g:]]),
+        jnp.concatenate([side_rms[:1], group_rms[:g]]),
+        jnp.concatenate([side_rms[1:], group_rms[g:]]),
     )
 
 
@@ -217,5 +214,5 @@ def update_stats(
     check_same_shapes("updates", updates, "params", params)
     check_axis_name(axis_name, optional=True)
     groups = resolve_groups(params, by)
-    pack = may_pack(updates, axis_name) and may_pack(params, axis_name)
+    pack = True
     return _update_stats(updates, params, groups=groups, axis_name=axis_name, pack=pack)

@@ -2,7 +2,11 @@
 
 `clip_with_stats` (a clip whose state holds its statistics), `track_noise_scale` (a
 transformation whose state smooths the gradient noise scale) and `track_update_stats` (a
-transformation whose state holds the update-to-parameter statistics).
+transformation whose state holds the update-to-parameter statistics). Each state holds
+its values under a name no other state uses (`clip_stats`, `noise_scale`,
+`update_stats`), so that `optax.tree_utils.tree_get(opt_state, name)` finds them
+wherever the transformation sits, in a plain optax state as in the state of an
+`nnx.Optimizer`.
 
 `import jaxgrad` never imports optax; `import jaxgrad.optax` does, and says how to
 install it when it is missing.
@@ -31,6 +35,7 @@ except ImportError as error:  # pragma: no cover - exercised in a test with opta
     ) from error
 
 __all__ = [
+    "ClipWithStatsState",
     "TrackNoiseScaleState",
     "clip_with_stats",
     "track_noise_scale",
@@ -65,18 +70,66 @@ def _initial_stats(params: PyTree, by: By) -> ClipStats:
     )
 
 
+class ClipWithStatsState(NamedTuple):
+    """The state of `clip_with_stats`: the last `ClipStats`, under an optax-findable name.
+
+    A NamedTuple with one field, `clip_stats`, a name no other state uses:
+    `optax.tree_utils.tree_get(opt_state, "clip_stats")` finds it wherever the clip sits
+    in a chain, also in `nnx.state(optimizer)` of an `nnx.Optimizer`. (Looking up
+    `"norm"` is ambiguous as soon as `by` is given: `ClipStats.norm` and
+    `GroupStats.norm` share the name.)
+
+    Attributes:
+        clip_stats: the `jaxgrad.ClipStats` of the last update (before any update: zero
+            norms, scale 1, with the dtypes and group names of later states).
+
+    Example:
+        >>> import optax
+        >>> from jaxgrad.optax import clip_with_stats
+        >>> tx = optax.chain(clip_with_stats(1.0, by="leaf"), optax.sgd(learning_rate=0.1))
+        >>> state = tx.init({"w": jnp.zeros(2)})
+        >>> _, state = tx.update({"w": jnp.array([3.0, 4.0])}, state)
+        >>> optax.tree_utils.tree_get(state, "clip_stats").norm
+        Array(5., dtype=float32)
+        >>> state[0].as_dict()["norm/w"]
+        5.0
+    """
+
+    clip_stats: ClipStats
+
+    def as_dict(self, prefix: str = "") -> dict[str, Any]:
+        """`self.clip_stats.as_dict(prefix)`: the flat dict of `ClipStats.as_dict` for a logger.
+
+        Args:
+            prefix: prepended to every key, e.g. `"clip/"`.
+
+        Returns:
+            A dict from `str` to numbers (numpy arrays for stacked states).
+
+        Example:
+            >>> from jaxgrad.optax import clip_with_stats
+            >>> clip_with_stats(1.0).init({"w": jnp.zeros(2)}).as_dict()["scale"]
+            1.0
+        """
+        return self.clip_stats.as_dict(prefix)
+
+
 def clip_with_stats(
     max_norm: ArrayLike, *, by: By = None, axis_name: AxisName = None
 ) -> optax.GradientTransformation:
     """`optax.clip_by_global_norm` that keeps the pre-clip statistics in its state.
 
     An `optax.GradientTransformation` that clips updates with `jaxgrad.grad_clip` and
-    stores the resulting `ClipStats` (pre-clip `norm` and `rms`, `scale`, `clipped`,
-    `finite`, and with `by` the per-group `GroupStats`) as its state, so the last
-    statistics can be logged from the optimizer state, also inside `optax.chain`:
-    `opt_state[0].norm`, or `optax.tree_utils.tree_get(opt_state, "norm")`. The state
-    keeps the dtypes of `init` (those of the parameters), so it is a stable
-    `jax.lax.scan` carry even when the updates have another dtype.
+    keeps the resulting `ClipStats` (pre-clip `norm` and `rms`, `scale`, `clipped`,
+    `finite`, and with `by` the per-group `GroupStats`) in its state, a
+    `ClipWithStatsState`, so the last statistics can be logged from the optimizer state
+    wherever the clip sits: `optax.tree_utils.tree_get(opt_state, "clip_stats")` (also in
+    `nnx.state(optimizer)` of an `nnx.Optimizer`), or `opt_state[0].clip_stats` when it
+    comes first in a chain. The state keeps the dtypes of `init` (those of the
+    parameters), so it is a stable `jax.lax.scan` carry even when the updates have
+    another dtype. Like `optax.clip_by_global_norm`, `update` also accepts `state=None`
+    (a stateless call, as optax's own tests make); it then returns a state built from
+    the updates.
 
     The clipped updates are those of `optax.clip_by_global_norm(max_norm)`, except that
     a zero update with `max_norm=0` stays zero. Updates holding NaN or inf are passed on
@@ -92,11 +145,12 @@ def clip_with_stats(
             shards of one larger tree; see docs/many_devices.md.
 
     Returns:
-        An `optax.GradientTransformation` whose state is a `jaxgrad.ClipStats`.
+        An `optax.GradientTransformation` whose state is a `ClipWithStatsState`.
 
     Raises:
         ValueError: if `max_norm` is negative, NaN or not a scalar.
-        TypeError: if `max_norm` is not a real number.
+        TypeError: if `max_norm` is not a real number; at `update`, if `state` is
+            neither `None` nor the `ClipWithStatsState` of `init`.
 
     Example:
         >>> import optax
@@ -105,22 +159,30 @@ def clip_with_stats(
         >>> params = {"w": jnp.array([3.0, 4.0])}
         >>> state = tx.init(params)
         >>> updates, state = tx.update(params, state, params)
-        >>> updates["w"], state[0].norm
+        >>> updates["w"], optax.tree_utils.tree_get(state, "clip_stats").norm
         (Array([-0.6, -0.8], dtype=float32), Array(5., dtype=float32))
     """
     bound = check_bound("max_norm", max_norm)
 
     def init_fn(params: PyTree) -> optax.OptState:
-        return cast(optax.OptState, _initial_stats(params, by))
+        return cast(optax.OptState, ClipWithStatsState(_initial_stats(params, by)))
 
     def update_fn(
         updates: PyTree, state: optax.OptState, params: PyTree | None = None
     ) -> tuple[PyTree, optax.OptState]:
         del params
+        if state is None:  # stateless, as optax.clip_by_global_norm allows: init's dtypes
+            state = init_fn(updates)
+        if not isinstance(state, ClipWithStatsState):
+            raise TypeError(
+                "`state` must be the `ClipWithStatsState` from this transformation's `init` "
+                f"(or None); got {type(state).__name__}."
+            )
         clipped, stats = grad_clip(updates, bound, by=by, axis_name=axis_name)
         # The state keeps init's dtypes, so it is the same pytree type at every step.
-        stats = jax.tree.map(lambda new, old: jnp.asarray(new).astype(old.dtype), stats, state)
-        return clipped, cast(optax.OptState, stats)
+        old = state.clip_stats
+        stats = jax.tree.map(lambda new, old: jnp.asarray(new).astype(old.dtype), stats, old)
+        return clipped, cast(optax.OptState, ClipWithStatsState(stats))
 
     return optax.GradientTransformation(init_fn, update_fn)
 

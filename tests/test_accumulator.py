@@ -458,3 +458,75 @@ def test_a_module_stands_for_its_param_state(dtype):
     assert type(mean) is type(params)
     chex.assert_trees_all_equal_shapes_and_dtypes(mean, params)
     chex.assert_trees_all_equal(mean, params)
+
+
+# -- one check of what grad_fn returns, shared by the mean and the noise estimate -----------
+
+
+def _noise_mean(grad_fn, params, batches, **kwargs):
+    return jg.grad_microbatch_noise(grad_fn, params, batches, **kwargs)[0]
+
+
+ESTIMATORS = {"grad_microbatch_mean": jg.grad_microbatch_mean, "grad_microbatch_noise": _noise_mean}
+
+
+def _square_loss(params, batch):
+    return jnp.mean((batch @ params["w"]) ** 2)
+
+
+@pytest.mark.parametrize("fn", list(ESTIMATORS), ids=list(ESTIMATORS))
+def test_has_aux_with_a_bare_gradient_says_a_pair_is_needed(fn):
+    params = {"w": jnp.ones(2)}
+    with pytest.raises(  # the noise estimate said "has a leaf str"
+        TypeError, match=r"`grad_fn` must return a pair `\(grad, aux\)` when `has_aux=True`"
+    ):
+        ESTIMATORS[fn](jax.grad(_square_loss), params, jnp.ones((2, 3, 2)), has_aux=True)
+
+
+@pytest.mark.parametrize("fn", list(ESTIMATORS), ids=list(ESTIMATORS))
+def test_a_grad_aux_pair_without_has_aux_gets_the_hint(fn):
+    params = {"w": jnp.ones(2)}
+    grad_fn = jax.grad(lambda p, b: (_square_loss(p, b), b.sum()), has_aux=True)
+    with pytest.raises(  # the noise estimate gave no hint
+        ValueError, match=r"a pair whose first entry has the structure of `params`; .*has_aux=True"
+    ):
+        ESTIMATORS[fn](grad_fn, params, jnp.ones((2, 3, 2)))
+
+
+@pytest.mark.parametrize("has_aux", [False, True])
+@pytest.mark.parametrize("fn", list(ESTIMATORS), ids=list(ESTIMATORS))
+def test_a_value_and_grad_function_is_named(fn, has_aux):
+    params = {"w": jnp.ones(2)}
+    grad_fn = jax.value_and_grad(_square_loss)
+    with pytest.raises(  # was "the structures differ at the root"
+        ValueError,
+        match=r"`grad_fn` returned a pair whose second entry has the structure of `params`, as "
+        r"`jax.value_and_grad` and `nnx.value_and_grad` return `\(value, grad\)`; `grad_fn` "
+        r"must return the gradient",
+    ):
+        ESTIMATORS[fn](grad_fn, params, jnp.ones((2, 3, 2)), has_aux=has_aux)
+
+
+def test_nnx_value_and_grad_is_named_for_a_module():
+    from flax import nnx
+
+    model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    grad_fn = nnx.value_and_grad(lambda m, x: jnp.mean(m(x) ** 2))
+    with pytest.raises(ValueError, match=r"`grad_fn` must return the gradient \(`jax.grad`"):
+        jg.grad_microbatch_mean(grad_fn, model, jnp.ones((2, 3, 2)))
+
+
+@pytest.mark.parametrize("fn", list(ESTIMATORS), ids=list(ESTIMATORS))
+def test_a_batch_without_the_micro_batch_axis_gets_a_note(fn):
+    params = {"w": jnp.ones((4, 2))}
+
+    def loss(p, batch):  # a model that needs (examples, 4) inputs
+        return jnp.mean(jnp.einsum("ni,ij->nj", batch, p["w"]) ** 2)
+
+    one_batch = jnp.ones((6, 4))  # 6 examples, no micro-batch axis: each "micro-batch" is (4,)
+    extra = {"microbatch_size": 6} if fn == "grad_microbatch_noise" else {}
+    with pytest.raises(ValueError) as info:  # what einsum raises on a 1-D operand
+        ESTIMATORS[fn](jax.grad(loss), params, one_batch, **extra)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "jaxgrad: this error came from `grad_fn` called on one micro-batch" in notes
+    assert "f32[4]" in notes and "x.reshape(4, -1, *x.shape[1:])" in notes

@@ -311,9 +311,10 @@ def test_random_grad_of_later_paysage_layout(dtype):
 )
 def test_random_grad_rejects_leaves_that_are_not_floating(leaf, shown, sampler, maybe_jit):
     tree = {"w": jnp.zeros(2), "x": [leaf]}
-    expected = (
-        r"`model` must have floating-point leaves to be filled with random values; at "
-        rf"\['x'\]\[0\] it has {shown}\. Leave integer, boolean and PRNG-key leaves out"
+    kinds = "floating-point" if sampler is jax.random.uniform else "floating-point or complex"
+    expected = (  # the one wording for a leaf of the wrong dtype (jaxgrad._checks)
+        rf"`model` must have {kinds} leaves; at \['x'\]\[0\] it has {shown}\. Leave integer "
+        r"and boolean leaves out of the tree, or cast them first"
     )
     if "key" in shown:  # refused earlier, with every function that takes a model
         expected = rf"`model` must be a pytree of numeric arrays; at \['x'\]\[0\] it has the PRNG key {shown}, which has no gradient"
@@ -325,8 +326,9 @@ def test_random_grad_complex_leaves_need_a_complex_sampler():
     tree = {"z": jnp.zeros(3, jnp.complex64)}
     with pytest.raises(
         TypeError,
-        match=r"`sampler=jax\.random\.uniform` draws real numbers, but at \['z'\] `model` has the "
-        r"complex leaf c64\[3\]; pass `sampler=jax\.random\.normal`\.",
+        match=r"`model` must have floating-point leaves; at \['z'\] it has c64\[3\]\. .*for "
+        r"complex leaves pass `sampler=jax\.random\.normal` \(`jax\.random\.uniform` draws "
+        r"real numbers\)\.",
     ):
         jg.random_grad(tree, jax.random.key(0))
     out = jg.random_grad(tree, jax.random.key(0), sampler=jax.random.normal)

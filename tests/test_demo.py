@@ -327,13 +327,22 @@ def test_main_on_bars_prints_epochs_table_headline_and_figure(capsys, tmp_path, 
     header = next(line for line in text.splitlines() if "model" in line and "training" in line)
     assert header.index("exact LL") < header.index("best LL (epoch)") < header.index("PLL")
     assert "compile s" in header
-    assert "jaxgrad's exact log-likelihood of the training data is" in text
+    # The headline names what is compared: each recipe and the shared learning rate.
+    assert (
+        "jaxgrad (CD-1, ADAM) against scikit-learn (PCD-1, SGD), both at learning rate 0.05: "
+        "jaxgrad's exact log-likelihood of the training data is"
+    ) in text
+    assert "this compares training recipes at one learning rate, not the libraries" in text
     assert f"figure: {out.resolve()}" in text
     assert out.read_bytes().startswith(b"\x89PNG")
     # The figure: colorbars on the filters and the samples, the exact log-likelihood curves.
     (figure,) = figures
     labels = [ax.get_ylabel() for ax in figure.axes]
     assert labels.count("weight") == 2 and labels.count("P(pixel on)") == 2
+    # Axis labels in words, no code names (was "grad_magnitude of the CD gradient").
+    words = [ax.get_xlabel() for ax in figure.axes] + labels
+    assert "root-mean-square entry of the gradient" in labels
+    assert not [label for label in words if "_" in label or "grad_" in label], words
     titles = " ".join(ax.get_title() for ax in figure.axes)
     assert "jaxgrad: 32 samples" in titles and "scikit-learn: 32 samples" in titles
     curves = next(ax for ax in figure.axes if ax.get_xlabel() == "epoch")
@@ -388,9 +397,11 @@ def test_headline_leads_with_the_exact_log_likelihood_and_its_peak():
     rows = report.comparison_rows(results)
     assert list(rows[0])[2:4] == list(report.EXACT_COLUMNS)
     assert rows[0]["exact LL"] == "-7.000" and rows[0]["best LL (epoch)"] == "-5.500 (2)"
-    assert report.headline(results, scored_on="training") == [
+    assert report.headline(results, scored_on="training", k=2, lr=0.05) == [
+        "jaxgrad (CD-2, ADAM) against scikit-learn (PCD-1, SGD), both at learning rate 0.05: "
         "jaxgrad's exact log-likelihood of the training data is 2.00 nats above scikit-learn's "
-        "(-7.000 against -9.000).",
+        "(-7.000 against -9.000). The two differ in sampler and optimizer: this compares "
+        "training recipes at one learning rate, not the libraries.",
         "jaxgrad's exact log-likelihood peaked at -5.500 at epoch 2 of 3 and ended 1.50 nats "
         "lower, while its pseudo-log-likelihood kept rising.",
     ]
@@ -404,6 +415,7 @@ def test_headline_leads_with_the_exact_log_likelihood_and_its_peak():
     assert list(report.comparison_rows(pll_only)[0]) == list(report.COMPARISON_COLUMNS)
     lines = report.headline(pll_only)
     assert lines[0].startswith(
+        "jaxgrad (CD-1, ADAM) against scikit-learn (PCD-1, SGD): "
         "jaxgrad's pseudo-log-likelihood of the held-out data is 2.50 nats above"
     )
     assert "at most 20 units; these models have 64 visible and 128 hidden units" in lines[1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxgrad as jg
-from jaxgrad import _clip, _constructors, _finite, _flatten, _reduce, _stats
+from jaxgrad import _clip, _constructors, _donate, _finite, _flatten, _reduce, _stats
 
 
 def _tree(n: int, size: int = 3):
@@ -24,7 +24,7 @@ CACHED = [
     ("grad_all_finite", lambda t: jg.grad_all_finite(t), lambda: _finite._all_finite),
     ("grad_normalize", lambda t: jg.grad_normalize(t), lambda: _reduce._normalize_jit),
     ("grad_normalize_", lambda t: jg.grad_normalize_(t), lambda: _reduce._normalize_jit),
-    ("zero_grad", lambda t: jg.zero_grad(t), lambda: _constructors._zeros_like),
+    ("zero_grad", lambda t: jg.zero_grad(t), lambda: _donate._zeros),
     (
         "random_grad",
         lambda t: jg.random_grad(t, jax.random.key(0)),

@@ -854,6 +854,31 @@ def test_track_noise_scale_errors():
     assert isinstance(optax.chain(tx), optax.GradientTransformationExtraArgs)
 
 
+# -- one mechanism, many callers (issue 16) -----------------------------------------------
+
+
+def _calls(module) -> set[str]:
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(module))
+    return {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+
+
+def test_the_noise_estimates_reuse_the_accumulator_scan_and_the_pmean_all_reduce():
+    import jaxgrad._accumulator as accumulator
+    import jaxgrad._constructors as constructors
+    import jaxgrad._noise as noise
+
+    calls = _calls(noise)
+    assert not {"jax.lax.scan", "jax.lax.psum", "GradSum"} & calls, calls  # no own scan/psum
+    assert {"scan_gradients", "pmean_wide", "wide_mean", "gradient_of"} <= calls
+    # placement-aware zeros are written once, in the placement module
+    for module in (accumulator, constructors):
+        assert "zeros_where" in _calls(module)
+        assert "jnp.zeros_like" not in _calls(module)
+
+
 # -- 8 CPU devices: shard_map against one device ----------------------------------------
 
 
@@ -890,13 +915,18 @@ def test_shard_map_on_8_devices_equals_one_device():
         result["all_reduces"], result["all_reduces"]["pmean"]
     ), result
     assert result["trace_cov"] > 0 and result["grad_sq"] > 0, result
-    # gradients of replicated parameters (already summed over the replicas) are refused
-    assert re.fullmatch(
-        r"`grad_fn` returns the same gradient on every replica along 'data' although `batches` differ: "
-        r"inside `shard_map` with `check_vma=True`, `jax.grad` with respect to replicated parameters "
-        r"already sums over the replicas\. Pass `jax.lax.pcast\(params, axis_name, to='varying'\)` as `params`\.",
-        result["refused"],
-    ), result["refused"]
+    # gradients of replicated parameters (already summed over the replicas) are refused, by
+    # both estimators in the same words (grad_pmean_noise gave a trace of exactly 0)
+    for name, what in [("refused", "grad_fn(params, batch)"), ("pmean_refused", "grad")]:
+        assert re.fullmatch(
+            rf"`{re.escape(what)}` is the same on every replica along 'data': inside `shard_map` "
+            r"with `check_vma=True`, `jax.grad` with respect to replicated parameters already sums "
+            r"over the replicas, so the noise between them is lost\. Differentiate with respect "
+            r"to `jax.lax.pcast\(params, axis_name, to='varying'\)`\.",
+            result[name],
+        ), result[name]
+    # with check_vma=False nothing tells a summed gradient apart: no error there
+    assert result["pmean_unchecked"] == "ran", result
 
 
 def _relative_gap(a, b) -> float:
@@ -992,11 +1022,20 @@ def mesh_main() -> None:
         batches = {"x": xb.reshape(2, 4, d), "y": yb.reshape(2, 4)}
         return jg.grad_microbatch_noise(jax.grad(loss), p, batches, axis_name="data")
 
-    try:
-        run(summed_body, "summed")
-        refused = ""
-    except ValueError as error:
-        refused = str(error)
+    def refusal(body, name, check_vma=True):
+        try:
+            run(body, name, check_vma)
+            return "ran"
+        except ValueError as error:
+            return str(error)
+
+    def summed_pmean_body(p, xb, yb):  # replicated params: the same summed gradient
+        g = jax.grad(loss)(p, {"x": xb, "y": yb})
+        return jg.grad_pmean_noise(g, "data", batch_per_replica=8)
+
+    refused = refusal(summed_body, "summed")
+    pmean_refused = refusal(summed_pmean_body, "summed_pmean")
+    pmean_unchecked = refusal(summed_pmean_body, "summed_pmean_unchecked", check_vma=False)
     result = {
         "devices": jax.device_count(),
         "gaps": gaps,
@@ -1005,6 +1044,8 @@ def mesh_main() -> None:
         "grad_sq": float(want[1].grad_sq[0]),
         "trace_cov": float(want[1].trace_cov[0]),
         "refused": refused,
+        "pmean_refused": pmean_refused,
+        "pmean_unchecked": pmean_unchecked,
     }
     print("RESULT " + json.dumps(result))
 

@@ -267,3 +267,207 @@ def test_accumulate_and_unflatten_name_a_bad_leaf(call):
         call("abc")
     with pytest.raises(TypeError, match=r"at \['bad'\] it has "):
         call(jax.random.key(0))
+
+
+# -- issue 18: arguments that round, complex casts, counters, the last raw errors -----------
+# Each test below failed on the main of 2026-12-04 (what it gave is in the comment).
+
+PARAM_DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16, "float64"]
+PARAM_IDS = ["f32", "bf16", "f16", "f64-x64"]
+
+
+def _x64_if(dtype):
+    """`jax.enable_x64` for the float64 case, else a context that does nothing."""
+    return jax.enable_x64(dtype == "float64")
+
+
+def _dtype(dtype):
+    return jnp.float64 if dtype == "float64" else dtype
+
+
+def _debiased_ema(values, decay):
+    """The debiased EMA in float64 (numpy), the reference of `noise_scale_update`."""
+    mean, weight_sum = 0.0, 0.0
+    for v in values:
+        mean, weight_sum = decay * mean + (1 - decay) * v, decay * weight_sum + (1 - decay)
+    return mean / weight_sum
+
+
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=PARAM_IDS)
+@pytest.mark.parametrize("traced", [False, True], ids=["python-decay", "traced-decay"])
+def test_a_decay_that_rounds_to_one_gives_the_running_mean(dtype, traced):
+    with _x64_if(dtype):
+        state = jg.noise_scale_init({"w": jnp.zeros(3, _dtype(dtype))})
+        decay = 1 - 1e-8  # 1.0 in float32 (from 1 - 2**-25 up): the state was NaN for good
+        update = jax.jit(lambda s, n, d: jg.noise_scale_update(s, n, decay=d))
+        grad_sqs, traces = [4.0, 2.0, 3.0], [40.0, 10.0, 16.0]
+        for g, t in zip(grad_sqs, traces, strict=True):
+            noise = jg.NoiseScale(jnp.array([g]), jnp.array([t]), ("",))
+            if traced:
+                state = update(state, noise, jnp.asarray(decay, state.grad_sq.dtype))
+            else:
+                state = jg.noise_scale_update(state, noise, decay=decay)
+        rtol = 1e-6 if state.grad_sq.dtype == jnp.float32 else 1e-12
+        if traced and state.grad_sq.dtype == jnp.float32:
+            decay = 1.0  # what the traced float32 decay is: the limit, the plain mean
+            want_g, want_t = np.mean(grad_sqs), np.mean(traces)
+        else:
+            want_g, want_t = _debiased_ema(grad_sqs, decay), _debiased_ema(traces, decay)
+        np.testing.assert_allclose(state.grad_sq, [want_g], rtol=rtol)
+        np.testing.assert_allclose(state.trace_cov, [want_t], rtol=rtol)
+        np.testing.assert_allclose(state.b_simple, [want_t / want_g], rtol=rtol)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.99, 1 - 1e-7])
+def test_noise_scale_update_matches_the_float64_debiased_ema(decay):
+    state = jg.noise_scale_init({"w": jnp.zeros(2)})
+    values = [3.0, -1.0, 5.0, 2.0]
+    for v in values:
+        state = jg.noise_scale_update(
+            state, jg.NoiseScale(jnp.array([v]), jnp.array([1.0]), ("",)), decay=decay
+        )
+    np.testing.assert_allclose(state.grad_sq, [_debiased_ema(values, decay)], rtol=2e-6)
+
+
+def _noise_batches(dtype):
+    x = jnp.array([[1.0, -1.0], [2.0, 0.0], [0.5, 3.0]], _dtype(dtype))
+    return {"x": x, "y": jnp.zeros_like(x)}
+
+
+def _half_square(w, batch):
+    return jnp.mean((batch["x"] * w - batch["y"]) ** 2) / 2
+
+
+@pytest.mark.parametrize("dtype", PARAM_DTYPES[:3], ids=PARAM_IDS[:3])
+def test_a_batch_size_beyond_the_estimates_dtype_is_refused(dtype):
+    w = jnp.array(1.0, dtype)
+    with pytest.raises(
+        ValueError, match=r"`microbatch_size` must be a number of examples that float32 holds"
+    ):  # was an infinite estimate
+        jg.grad_microbatch_noise(
+            jax.grad(_half_square), w, _noise_batches(dtype), microbatch_size=1e39
+        )
+    with pytest.raises(ValueError, match=r"`batch_per_replica` must be a number of examples"):
+        jax.vmap(lambda g: jg.grad_pmean_noise(g, "i", batch_per_replica=1e39), axis_name="i")(
+            {"w": jnp.ones((2, 3), dtype)}
+        )
+
+
+def test_a_huge_batch_size_is_exact_where_the_dtype_holds_it():
+    with jax.enable_x64(True):
+        w = jnp.array(1.0, jnp.float64)
+        batches = _noise_batches("float64")
+        _, one = jg.grad_microbatch_noise(jax.grad(_half_square), w, batches, microbatch_size=1)
+        _, huge = jg.grad_microbatch_noise(jax.grad(_half_square), w, batches, microbatch_size=1e39)
+        assert np.all(np.isfinite(huge.trace_cov))
+        np.testing.assert_allclose(huge.trace_cov, one.trace_cov * 1e39, rtol=1e-12)
+        np.testing.assert_allclose(huge.grad_sq, one.grad_sq, rtol=1e-12)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_grad_sum_refuses_to_drop_imaginary_parts(jit):
+    total = jg.GradSum.zeros_like({"a": jnp.zeros(2)})
+    add = jax.jit(lambda s, g: s.add(g)) if jit else (lambda s, g: s.add(g))
+    with pytest.raises(  # was total [0, 2]: the imaginary parts dropped
+        TypeError,
+        match=r"`grad` has c64\[2\] at \['a'\], but the leaf of `state.total` at \['a'\] is "
+        r"f32\[2\]; the cast would lose its imaginary part\. Cast `grad` first",
+    ):
+        add(total, {"a": jnp.array([1j, 2 + 1j], jnp.complex64)})
+    complex_sum = jg.GradSum.zeros_like({"a": jnp.zeros(2, jnp.complex64)})
+    out = add(complex_sum, {"a": jnp.array([1j, 2 + 1j], jnp.complex64)}).total["a"]
+    np.testing.assert_array_equal(out, [1j, 2 + 1j])
+
+
+def test_grad_unflatten_refuses_the_same_cast_with_the_same_words():
+    with pytest.raises(
+        TypeError, match=r"`vector` has dtype c64, but the leaf of `like` at \['a'\] is f32\[2\]; "
+    ):
+        jg.grad_unflatten(jnp.array([1j, 2 + 1j], jnp.complex64), {"a": jnp.zeros(2)})
+
+
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=PARAM_IDS)
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_grad_sum_count_saturates_instead_of_wrapping(dtype, jit):
+    with _x64_if(dtype):
+        start = jg.GradSum.zeros_like({"w": jnp.zeros(2, _dtype(dtype))})
+        total = jax.tree.map(lambda t: t + (2**31 - 3), start.total)  # as many ones added
+        near = jg.GradSum(total=total, count=jnp.asarray(2**31 - 3, jnp.int32), dtypes=start.dtypes)
+        add = jax.jit(lambda s, g: s.add(g)) if jit else (lambda s, g: s.add(g))
+        mean = jax.jit(lambda s: s.mean()) if jit else (lambda s: s.mean())
+        g = {"w": jnp.ones(2, _dtype(dtype))}
+        last_known = add(near, g)  # 2**31 - 2 gradients: the most a GradSum counts exactly
+        assert int(last_known.count) == 2**31 - 2
+        np.testing.assert_allclose(np.asarray(mean(last_known)["w"], np.float64), 1.0, rtol=1e-2)
+        full = add(last_known, g)
+        beyond = add(full, g)  # was count -2**31 and a mean of total / 1
+        assert int(full.count) == int(beyond.count) == 2**31 - 1
+        for state in (full, beyond):  # the count is no longer known: NaN, not a wrong mean
+            assert mean(state)["w"].dtype == _dtype(dtype)
+            assert np.all(np.isnan(np.asarray(mean(state)["w"], np.float64)))
+
+
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=PARAM_IDS)
+def test_noise_scale_count_saturates_and_the_average_keeps_its_weight(dtype):
+    with _x64_if(dtype):
+        state = jg.noise_scale_init({"w": jnp.zeros(2, _dtype(dtype))})
+        acc = state.grad_sq.dtype
+        state = jg.NoiseScaleState(
+            grad_sq=jnp.array([2.0], acc),
+            trace_cov=jnp.array([8.0], acc),
+            b_simple=jnp.array([4.0], acc),
+            count=jnp.asarray(2**31 - 1, jnp.int32),
+            names=("",),
+        )
+        noise = jg.NoiseScale(jnp.array([4.0], acc), jnp.array([8.0], acc), ("",))
+        new = jg.noise_scale_update(state, noise, decay=0.5)
+        assert int(new.count) == 2**31 - 1  # was -2**31, and the average reset to 4.0
+        np.testing.assert_allclose(new.grad_sq, [3.0], rtol=1e-6)
+
+
+# -- issue 18 item 9: a house error where a raw one was ------------------------------------
+
+
+@pytest.mark.parametrize("returned", ["abc", None], ids=["str", "None"])
+def test_accumulate_names_a_non_numeric_result(returned):
+    with pytest.raises(  # was a raw error from jnp.stack / jnp.asarray
+        TypeError,
+        match=r"`func` must return a numeric scalar for every leaf of `grad`; at \['w'\] it "
+        rf"returned {type(returned).__name__}",
+    ):
+        jg.grad_accumulate(lambda x: returned, {"w": jnp.ones(2)})
+
+
+@pytest.mark.parametrize("vector", [None, "abc", ["a", "b"]], ids=["None", "str", "str-list"])
+def test_unflatten_names_a_vector_that_is_not_an_array(vector):
+    with pytest.raises(TypeError, match=r"`vector` must be a numeric array; got "):
+        jg.grad_unflatten(vector, {"w": jnp.ones(2)})  # was "None is not a valid value..."
+
+
+class _Unhashable:
+    """A callable that defines `__eq__` and so no `__hash__`."""
+
+    def __eq__(self, other):
+        return self is other
+
+    def __call__(self, *leaves):
+        return leaves[0] * 2
+
+
+@pytest.mark.parametrize("fn", ["grad_apply_", "grad_mapzip_"])
+def test_an_unhashable_function_with_donate_gets_a_house_error(fn):
+    grad = {"w": jnp.ones(2)}
+    call = {
+        "grad_apply_": lambda: jg.grad_apply_(_Unhashable(), grad, donate=True),
+        "grad_mapzip_": lambda: jg.grad_mapzip_(
+            _Unhashable(), grad, {"w": jnp.ones(2)}, donate=True
+        ),
+    }[fn]
+    with pytest.raises(  # was JAX's "Non-hashable static arguments are not supported"
+        TypeError,
+        match=r"`func_` must be hashable with `donate=True`, which compiles it once per "
+        r"function object; got an unhashable _Unhashable\.",
+    ):
+        call()
+    assert not grad["w"].is_deleted()  # refused before anything was donated
+    np.testing.assert_array_equal(jg.grad_apply_(_Unhashable(), grad)["w"], [2.0, 2.0])

@@ -94,3 +94,27 @@ def test_axis_name_list_is_a_type_error_that_names_the_tuple(fn, bad, hint):
 def test_reductions_axis_name_list_gets_the_hint_too():
     with pytest.raises(TypeError, match=r", or None; got list \['i'\]\. A list is not accepted"):
         _over_replicas(lambda g, _: jg.grad_norm(g, axis_name=["i"]), {"w": jnp.ones((2, 3))})
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (
+            lambda g: jax.vmap(lambda x: jg.grad_pmean(x, "i"), axis_name="i")(
+                jax.tree.map(lambda x: jnp.stack([x, x]), g)
+            ),
+            "grad",
+        ),
+        (lambda g: jg.GradSum.zeros_like({"w": jnp.zeros(2)}).add(g), "grad"),
+        (lambda g: jg.random_grad(g, jax.random.key(0), sampler=jax.random.normal), "model"),
+    ],
+    ids=["grad_pmean", "GradSum.add", "random_grad"],
+)
+def test_one_wording_for_a_leaf_of_the_wrong_dtype(call, name):
+    """grad_pmean, GradSum.add and random_grad said it three ways; now one check says it."""
+    with pytest.raises(
+        TypeError,
+        match=rf"^`{name}` must have floating-point or complex leaves; at \['w'\] it has "
+        r"i32\[2\]\.",
+    ):
+        call({"w": jnp.ones(2, jnp.int32)})

@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         table.add_row(*row.values())
     console.print(table)
-    for line in report.headline(results, scored_on=scored_on):
+    for line in report.headline(results, scored_on=scored_on, k=k, lr=settings["lr"]):
         say(line)
     figure = report.plot_results(
         results, seed=args.seed, scored_on=scored_on, best_possible=best_possible

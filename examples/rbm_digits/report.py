@@ -66,6 +66,19 @@ def format_epoch(stats: EpochStats, epochs: int) -> str:
     return line
 
 
+def training_of(name: str, k: int = 1) -> str:
+    """How the model `name` was trained: scikit-learn's persistent CD-1 with SGD, or `train`'s.
+
+    Args:
+        name: the model name; one starting with "scikit-learn" is scikit-learn's.
+        k: the number of Gibbs steps `train` used.
+
+    Returns:
+        "PCD-1, SGD" or "CD-<k>, ADAM".
+    """
+    return "PCD-1, SGD" if name.startswith("scikit-learn") else f"CD-{k}, ADAM"
+
+
 def comparison_rows(results: Mapping[str, TrainResult], *, k: int = 1) -> list[dict[str, str]]:
     """One formatted row per model: final metrics and wall times.
 
@@ -83,10 +96,7 @@ def comparison_rows(results: Mapping[str, TrainResult], *, k: int = 1) -> list[d
     rows = []
     for name, result in results.items():
         last, best = result.history[-1], best_epoch(result.history)
-        row = {
-            "model": name,
-            "training": "PCD-1, SGD" if name.startswith("scikit-learn") else f"CD-{k}, ADAM",
-        }
+        row = {"model": name, "training": training_of(name, k)}
         if exact:
             row["exact LL"] = f"{last.log_likelihood:.3f}"
             row["best LL (epoch)"] = f"{best.log_likelihood:.3f} ({best.epoch})"
@@ -116,16 +126,27 @@ def markdown_table(rows: Sequence[Mapping[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def headline(results: Mapping[str, TrainResult], *, scored_on: str = "held-out") -> list[str]:
+def headline(
+    results: Mapping[str, TrainResult],
+    *,
+    scored_on: str = "held-out",
+    k: int = 1,
+    lr: float | None = None,
+) -> list[str]:
     """The summary sentences: the first model against the second, then each model's peak.
 
-    The metric is the exact log-likelihood where `has_exact`, else the
-    pseudo-log-likelihood. A model whose exact log-likelihood ended more than 0.01 nats
-    below its best epoch gets a sentence saying so.
+    The comparison names what is compared: each model's training (sampler and
+    optimizer, `training_of`) and the learning rate they share, and says that the
+    difference is one of training recipes, not of libraries. The metric is the exact
+    log-likelihood where `has_exact`, else the pseudo-log-likelihood. A model whose
+    exact log-likelihood ended more than 0.01 nats below its best epoch gets a sentence
+    saying so.
 
     Args:
         results: the results by model name; the first two are compared.
         scored_on: the data the metrics were measured on, for the wording.
+        k: the number of Gibbs steps `train` used.
+        lr: the learning rate both models used, if it is to be named.
 
     Returns:
         A list of sentences.
@@ -140,10 +161,14 @@ def headline(results: Mapping[str, TrainResult], *, scored_on: str = "held-out")
     names = list(results)
     if len(names) >= 2:
         ours, theirs = (value(results[name].history[-1]) for name in names[:2])
+        recipes = [f"{name} ({training_of(name, k)})" for name in names[:2]]
+        rate = "" if lr is None else f", both at learning rate {lr:g}"
         lines.append(
-            f"{names[0]}'s {metric} of the {scored_on} data is {abs(ours - theirs):.2f} nats "
+            f"{recipes[0]} against {recipes[1]}{rate}: {names[0]}'s {metric} of the "
+            f"{scored_on} data is {abs(ours - theirs):.2f} nats "
             f"{'above' if ours >= theirs else 'below'} {names[1]}'s ({ours:.3f} against "
-            f"{theirs:.3f})."
+            f"{theirs:.3f}). The two differ in sampler and optimizer: this compares "
+            "training recipes at one learning rate, not the libraries."
         )
     if not exact:
         params = next(iter(results.values())).params
@@ -289,9 +314,11 @@ def plot_results(
             centers = (np.arange(len(means)) + 0.5) * per_epoch
             magnitude.plot(centers, means, "o-", color=colors[name], label=f"{name}, epoch mean")
     magnitude.set_xlabel("training step")
-    magnitude.set_ylabel("grad_magnitude of the CD gradient")
+    magnitude.set_ylabel("root-mean-square entry of the gradient")
     magnitude.set_yscale("log")
-    magnitude.set_title("gradient magnitude\n(thin: each step)", fontsize="medium")
+    magnitude.set_title(
+        "size of the contrastive-divergence gradient\n(thin: each step)", fontsize="medium"
+    )
     if magnitude.get_legend_handles_labels()[0]:
         magnitude.legend(fontsize="small")
     return figure
