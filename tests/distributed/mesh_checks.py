@@ -725,6 +725,79 @@ def check_random_grad_without_partitionable_threefry_gives_the_same_numbers() ->
         jax.config.update("jax_threefry_partitionable", True)
 
 
+# -- replicated leaves inside shard_map, collectives of every op --------------------------
+
+
+def fsdp_tree(mesh: Any, n: int = 6, seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An FSDP-style gradient: kernels sharded along "data", biases and scales replicated."""
+    rng = np.random.default_rng(seed)
+    tree, specs = {}, {}
+    for i in range(n):
+        tree[f"l{i}/kernel"] = rng.normal(size=(16, 4 + i)).astype(np.float32)
+        specs[f"l{i}/kernel"] = P("data")
+        tree[f"l{i}/bias"] = rng.normal(size=(4 + i,)).astype(np.float32)
+        specs[f"l{i}/bias"] = P()
+    tree["l0/bias"][0] = 3e30  # a huge entry: the scaled sums, replicated leaves and all
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    return jax.device_put(tree, shardings), specs
+
+
+WHOLE_GRADIENT_OPS: dict[str, Callable[..., Any]] = {
+    "grad_norm": lambda t, a=None: jg.grad_norm(t, axis_name=a),
+    "grad_rms": lambda t, a=None: jg.grad_rms(t, axis_name=a),
+    "grad_norm_ord1": lambda t, a=None: jg.grad_norm(t, ord=1, axis_name=a),
+    "grad_norm_inf": lambda t, a=None: jg.grad_norm(t, ord=np.inf, axis_name=a),
+    "grad_clip_recipe": lambda t, a=None: jg.grad_clip(t, 1.0, by="leaf", axis_name=a)[1],
+    "grad_clip_by_rms": lambda t, a=None: jg.grad_clip_by_rms(t, 1.0, axis_name=a)[1],
+    "grad_stats": lambda t, a=None: jg.grad_stats(t, by="module", axis_name=a),
+    "grad_nonfinite_report": lambda t, a=None: jg.grad_nonfinite_report(t, axis_name=a).counts,
+    "grad_all_finite": lambda t, a=None: jg.grad_all_finite(t, axis_name=a),
+}
+
+
+@check
+def check_replicated_leaves_are_counted_once_in_shard_map() -> None:
+    """Under check_vma=True, leaves replicated along the axis count once, as under GSPMD."""
+    mesh = make_mesh((8,), ("data",), explicit=True)
+    g, specs = fsdp_tree(mesh)
+    for name, op in WHOLE_GRADIENT_OPS.items():
+        expected = jax.jit(op)(g)  # GSPMD on the global arrays: the reference
+        run = jax.shard_map(
+            partial(op, a="data"), mesh=mesh, in_specs=(specs,), out_specs=P(), check_vma=True
+        )
+        got = jax.jit(run)(g)
+        assert_trees_close(got, expected, f"{name} in shard_map(check_vma=True)", rtol=2e-6)
+    # the issue's case: w sharded (zeros), b replicated (ones): norm 2, not 2 * sqrt(8)
+    small = {"w": jnp.zeros((8, 4)), "b": jnp.ones(4)}
+    small_specs = {"w": P("data"), "b": P()}
+    small = jax.device_put(small, {k: NamedSharding(mesh, s) for k, s in small_specs.items()})
+    for check_vma, expected in ((True, 2.0), (False, 2.0 * np.sqrt(8))):
+        run = jax.shard_map(
+            partial(jg.grad_norm, axis_name="data"),
+            mesh=mesh,
+            in_specs=(small_specs,),
+            out_specs=P(),
+            check_vma=check_vma,
+        )
+        # check_vma=False: JAX's types say nothing; every leaf is a shard (documented)
+        np.testing.assert_allclose(float(jax.jit(run)(small)), expected, rtol=1e-6)
+
+
+@check
+def check_collectives_of_every_op_are_few_and_never_gather() -> None:
+    """GSPMD jit on an FSDP mesh: no data-moving collective, all-reduces O(1) in leaves."""
+    mesh = make_mesh((8,), ("data",), explicit=False)
+    counts = {}
+    for n in (6, 12):
+        g, _ = fsdp_tree(mesh, n=n)
+        for name, op in WHOLE_GRADIENT_OPS.items():
+            _, ops = jit_run(op, g)
+            assert all(ops[m] == 0 for m in MOVING), (name, n, ops)
+            counts.setdefault(name, []).append(ops["all-reduce"])
+    for name, (small, large) in counts.items():
+        assert large <= small, (name, counts[name])  # does not grow with the leaves
+
+
 def main(names: list[str]) -> int:
     failed = 0
     for name in names or list(CHECKS):
