@@ -42,6 +42,12 @@ from ._reduce import grad_norm as grad_norm
 from ._reduce import grad_normalize as grad_normalize
 from ._reduce import grad_normalize_ as grad_normalize_
 from ._reduce import grad_rms as grad_rms
+from ._spike import SpikeDecision as SpikeDecision
+from ._spike import SpikeGuardState as SpikeGuardState
+from ._spike import SpikeState as SpikeState
+from ._spike import keep_if_skipped as keep_if_skipped
+from ._spike import spike_check as spike_check
+from ._spike import spike_init as spike_init
 from ._stats import GroupStats as GroupStats
 from ._stats import grad_stats as grad_stats
 
@@ -58,6 +64,9 @@ __all__ = [
     "NoiseScale",
     "NoiseScaleState",
     "NonfiniteReport",
+    "SpikeDecision",
+    "SpikeGuardState",
+    "SpikeState",
     "grad_accumulate",
     "grad_all_finite",
     "grad_apply",
@@ -81,10 +90,13 @@ __all__ = [
     "grad_stats",
     "grad_unflatten",
     "grad_where_finite",
+    "keep_if_skipped",
     "noise_scale_init",
     "noise_scale_update",
     "null_grad",
     "path_name",
     "random_grad",
+    "spike_check",
+    "spike_init",
     "zero_grad",
 ]
