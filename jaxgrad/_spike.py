@@ -174,10 +174,10 @@ class SpikeState:
         position: the next slot of the ring buffer.
         count: how many values the statistics hold (at most `window` for the window).
         warm: whether the warm-up is over (it stays over after a re-baseline).
-        moment1: the moving average of the values (`"ema"`, not bias-corrected) or
-            their mean (`"zclip"`), per entry.
-        moment2: the moving average of the squared values (`"ema"`) or their variance
-            (`"zclip"`), per entry.
+        moment1: the (bias-corrected) moving mean of the values, per entry (`"ema"`
+            and `"zclip"`).
+        moment2: their moving variance, per entry (`"ema"`: the bias-corrected average
+            of the squares less the squared mean, updated without cancellation).
         pending: `(patience, entries)`: the outliers of the current run of outliers.
         run: how many consecutive outlier steps precede this one.
         steps: steps seen; skips: steps skipped; clips: steps clipped (0-d int32).
@@ -357,18 +357,18 @@ def _config(
 
 
 def _empty_decision(names: tuple[str, ...]) -> SpikeDecision:
+    """Distinct buffers for every field, so that the state can be donated."""
     dtype = _float()
-    entries = jnp.zeros(len(names), dtype)
-    false = jnp.zeros((), bool)
+    size = len(names)
     return SpikeDecision(
-        skipped=false,
-        clipped=false,
+        skipped=jnp.zeros((), bool),
+        clipped=jnp.zeros((), bool),
         finite=jnp.ones((), bool),
         scale=jnp.ones((), dtype),
-        value=entries,
-        zscore=entries,
-        threshold=jnp.full(len(names), jnp.inf, dtype),
-        outlier=jnp.zeros(len(names), bool),
+        value=jnp.zeros(size, dtype),
+        zscore=jnp.zeros(size, dtype),
+        threshold=jnp.full(size, jnp.inf, dtype),
+        outlier=jnp.zeros(size, bool),
         names=names,
     )
 
@@ -464,19 +464,19 @@ def spike_init(
     dtype = _float()
     entries = len(names)
     rows = config.window if config.statistics == "window" else 0
-    zero = jnp.zeros((), jnp.int32)
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 - one buffer per field
     return SpikeState(
         history=jnp.zeros((rows, entries), dtype),
-        position=zero,
-        count=zero,
+        position=zero(),
+        count=zero(),
         warm=jnp.zeros((), bool),
         moment1=jnp.zeros(entries, dtype),
         moment2=jnp.zeros(entries, dtype),
         pending=jnp.zeros((config.patience, entries), dtype),
-        run=zero,
-        steps=zero,
-        skips=zero,
-        clips=zero,
+        run=zero(),
+        steps=zero(),
+        skips=zero(),
+        clips=zero(),
         last=_empty_decision(names),
         names=names,
         config=config,
@@ -487,7 +487,7 @@ def spike_init(
 
 
 def _statistics(state: SpikeState) -> tuple[Array, Array]:
-    """Mean and standard deviation per entry of the values before this step."""
+    """Mean and variance per entry of the values before this step."""
     config = state.config
     dtype = state.moment1.dtype
     count = state.count.astype(dtype)
@@ -498,14 +498,9 @@ def _statistics(state: SpikeState) -> tuple[Array, Array]:
         mean = jnp.where(some, total / jnp.maximum(count, 1), 0)
         squares = jnp.where(filled, (state.history - mean) ** 2, 0)
         var = jnp.where(some, jnp.sum(squares, axis=0) / jnp.maximum(count, 1), 0)
-    elif config.statistics == "ema":
-        correction = 1 - jnp.asarray(config.decay, dtype) ** count
-        safe = jnp.where(some, correction, 1)
-        mean = jnp.where(some, state.moment1 / safe, 0)
-        var = jnp.where(some, jnp.maximum(state.moment2 / safe - mean**2, 0), 0)
     else:
         mean, var = state.moment1, state.moment2
-    return mean, jnp.sqrt(var)
+    return mean, var
 
 
 def _watched(state: SpikeState) -> np.ndarray:
@@ -524,22 +519,28 @@ def _admit(state: SpikeState, value: Array, take: Array) -> tuple[Array, ...]:
         history = history.at[state.position].set(value, mode="promise_in_bounds")
         position = (state.position + 1) % config.window
         count = jnp.minimum(count, config.window)
-    elif config.statistics == "ema":
-        beta = jnp.asarray(config.decay, dtype)
-        m1 = beta * m1 + (1 - beta) * value
-        m2 = beta * m2 + (1 - beta) * value**2
     else:
-        # The mean and population variance of the first `warmup` values (Welford's
-        # update), then ZClip's moving averages of the mean and the squared deviation
-        # from the updated mean.
+        # Mean and variance updated in place (no cancellation): with weight `w` for the
+        # new value, `mean += w * delta` and `var += w * ((1 - w) * delta**2 - var)`.
+        # "ema": `w = (1 - decay) / (1 - decay**n)`, the bias-corrected moving averages
+        # of the value and its square. "zclip": `w = 1 / n` over the first `warmup`
+        # values (their mean and population variance), then ZClip's `w = 1 - decay`
+        # with `var += w * ((value - new mean)**2 - var)`.
         n = count.astype(dtype)
+        one_minus_beta = jnp.asarray(1 - config.decay, dtype)
         delta = value - m1
-        in_warmup = count <= config.warmup
-        alpha = jnp.where(in_warmup, (n - 1) / n, jnp.asarray(config.decay, dtype))
-        m1 = m1 + (1 - alpha) * delta
-        welford = alpha * (m2 + (1 - alpha) * delta**2)
-        zclip = alpha * m2 + (1 - alpha) * (value - m1) ** 2
-        m2 = jnp.where(in_warmup, welford, zclip)
+        if config.statistics == "ema":
+            beta_n = jnp.asarray(config.decay, dtype) ** n
+            weight = one_minus_beta / (1 - beta_n)
+            m1 = m1 + weight * delta
+            m2 = m2 + weight * ((1 - weight) * delta**2 - m2)
+        else:
+            in_warmup = count <= config.warmup
+            weight = jnp.where(in_warmup, 1 / n, one_minus_beta)
+            m1 = m1 + weight * delta
+            welford = m2 + weight * ((1 - weight) * delta**2 - m2)
+            zclip = m2 + weight * ((value - m1) ** 2 - m2)
+            m2 = jnp.where(in_warmup, welford, zclip)
     pick = lambda new, old: jnp.where(take, new, old)  # noqa: E731
     return (
         pick(history, state.history),
@@ -563,11 +564,11 @@ def _rebaseline(state: SpikeState, value: Array) -> tuple[Array, ...]:
         history = jnp.zeros_like(history).at[:size].set(block)
         position = jnp.asarray(size % config.window, jnp.int32)
     elif config.statistics == "ema":
-        # The raw averages that `size` updates from zero would give.
-        weights = (1 - config.decay) * config.decay ** np.arange(size - 1, -1, -1)
-        weights = jnp.asarray(weights, dtype)[:, None]
+        # What `size` updates from an empty state give: the weighted mean and variance.
+        weights = config.decay ** np.arange(size - 1, -1, -1)
+        weights = jnp.asarray(weights / weights.sum(), dtype)[:, None]
         m1 = jnp.sum(weights * block, axis=0)
-        m2 = jnp.sum(weights * block**2, axis=0)
+        m2 = jnp.sum(weights * (block - m1) ** 2, axis=0)
     else:
         m1 = jnp.mean(block, axis=0)
         m2 = jnp.mean((block - m1) ** 2, axis=0)
@@ -622,7 +623,8 @@ def _check(state: SpikeState, value: Array) -> tuple[SpikeDecision, SpikeState]:
     dtype = value.dtype
     clip_mode = config.mode != "skip"
     grads = np.arange(len(state.names)) < len(state.names) - int(config.loss)  # not the loss
-    mean, std = _statistics(state)
+    mean, var = _statistics(state)
+    std = jnp.sqrt(var)
     excess = value - mean
     z = jnp.asarray(config.z, dtype)
     finite = jnp.all(jnp.isfinite(value))
@@ -636,11 +638,12 @@ def _check(state: SpikeState, value: Array) -> tuple[SpikeDecision, SpikeState]:
     signed_inf = jnp.where(excess > 0, jnp.inf, jnp.where(excess < 0, -jnp.inf, 0))
     zscore = jnp.where(std > 0, excess / positive, signed_inf)
     zscore = jnp.where(state.count > 0, zscore, 0)
+    target, ratio = threshold, jnp.ones_like(value)
     if clip_mode:
         if config.mode == "clip":
             target = threshold
         else:  # ZClip's reciprocal rule: mean + z**2 * std / zscore
-            target = mean + z**2 * std**2 / jnp.where(excess > 0, excess, 1)
+            target = mean + z**2 * var / jnp.where(excess > 0, excess, 1)
         ratio = jnp.where(outlier & grads, target / jnp.where(value > 0, value, 1), 1)
         loss_spike = jnp.any(outlier & ~grads)
         skipped = ~finite | (held & loss_spike)
@@ -655,7 +658,9 @@ def _check(state: SpikeState, value: Array) -> tuple[SpikeDecision, SpikeState]:
     if config.admit == "all":
         entering, take = value, finite
     elif config.admit == "scaled":
-        entering = jnp.where(grads, value * scale, value)
+        # the clipped group enters at its target exactly, the others scaled with it
+        at_target = clipped & outlier & grads & (ratio == scale)
+        entering = jnp.where(at_target, target, jnp.where(grads, value * scale, value))
         take = finite & ~skipped
     else:
         entering, take = value, finite & ~held
