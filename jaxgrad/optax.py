@@ -286,7 +286,8 @@ def spike_guard(
         admit: see `jaxgrad.spike_init`.
         watch: see `jaxgrad.spike_init`.
         loss: watch the loss too; `update` then needs `loss=` (optax's extra
-            arguments: `tx.update(grads, state, params, loss=loss)`).
+            arguments: `tx.update(grads, state, params, loss=loss)`). Without it, a
+            `loss=` given to `update` is ignored.
 
     Returns:
         An `optax.GradientTransformationExtraArgs` whose state is a
@@ -345,7 +346,8 @@ def spike_guard(
                 f"`init`; got {type(state).__name__}."
             )
         clipped, stats = grad_clip(updates, bound, by=by, axis_name=axis_name)
-        decision, guard = spike_check(state.spike_guard, stats, loss=loss, axis_name=axis_name)
+        watched = loss if settings["loss"] else None  # a chain may pass `loss` to everyone
+        decision, guard = spike_check(state.spike_guard, stats, loss=watched, axis_name=axis_name)
         if mode != "skip":  # the guard's scale on top of the clip to `max_norm`
             extra = jnp.where(decision.scale < stats.scale, decision.scale / stats.scale, 1).astype(
                 stats.scale.dtype
