@@ -45,6 +45,12 @@ from ._reduce import grad_norm as grad_norm
 from ._reduce import grad_normalize as grad_normalize
 from ._reduce import grad_normalize_ as grad_normalize_
 from ._reduce import grad_rms as grad_rms
+from ._spike import SpikeDecision as SpikeDecision
+from ._spike import SpikeGuardState as SpikeGuardState
+from ._spike import SpikeState as SpikeState
+from ._spike import keep_if_skipped as keep_if_skipped
+from ._spike import spike_check as spike_check
+from ._spike import spike_init as spike_init
 from ._stats import GroupStats as GroupStats
 from ._stats import grad_stats as grad_stats
 from ._update_stats import UpdateStats as UpdateStats
@@ -64,6 +70,9 @@ __all__ = [
     "NoiseScale",
     "NoiseScaleState",
     "NonfiniteReport",
+    "SpikeDecision",
+    "SpikeGuardState",
+    "SpikeState",
     "UpdateStats",
     "by_depth",
     "grad_accumulate",
@@ -89,12 +98,15 @@ __all__ = [
     "grad_stats",
     "grad_unflatten",
     "grad_where_finite",
+    "keep_if_skipped",
     "noise_scale_init",
     "noise_scale_update",
     "null_grad",
     "path_name",
     "plot_layers",
     "random_grad",
+    "spike_check",
+    "spike_init",
     "update_stats",
     "zero_grad",
 ]

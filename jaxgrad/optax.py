@@ -2,7 +2,8 @@
 
 `clip_with_stats` (a clip whose state holds its statistics), `track_noise_scale` (a
 transformation whose state smooths the gradient noise scale) and `track_update_stats` (a
-transformation whose state holds the update-to-parameter statistics). Each state holds
+transformation whose state holds the update-to-parameter statistics) and `spike_guard`
+(an optimizer wrapper that skips or clips outlier steps). Each state holds
 its values under a name no other state uses (`clip_stats`, `noise_scale`,
 `update_stats`), so that `optax.tree_utils.tree_get(opt_state, name)` finds them
 wherever the transformation sits, in a plain optax state as in the state of an
@@ -38,6 +39,7 @@ __all__ = [
     "ClipWithStatsState",
     "TrackNoiseScaleState",
     "clip_with_stats",
+    "spike_guard",
     "track_noise_scale",
     "track_update_stats",
 ]
@@ -361,3 +363,134 @@ def track_update_stats(
         return updates, cast(optax.OptState, {"update_stats": stats})
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def spike_guard(
+    inner: optax.GradientTransformation,
+    *,
+    max_norm: ArrayLike = float("inf"),
+    by: By = None,
+    axis_name: AxisName = None,
+    statistics: str = "window",
+    window: int = 128,
+    decay: float = 0.99,
+    z: float = 6.0,
+    warmup: int = 32,
+    patience: int | None = 8,
+    mode: str = "skip",
+    admit: str = "none",
+    watch: Any = None,
+    loss: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """Guard `inner` against gradient-norm (and loss) spikes: take, clip or skip each step.
+
+    Each update measures the incoming gradient once with `jaxgrad.grad_clip(updates,
+    max_norm, by=by)` (the pre-clip norms of the whole gradient and of each group, and
+    the clip to `max_norm` in the same pass), decides with `jaxgrad.spike_check`
+    against the statistics of the steps before, and then runs `inner`. A skipped step
+    (an outlier in `mode="skip"`, a NaN or inf gradient or loss in every mode) gives
+    zero updates and leaves `inner`'s state bit for bit as it was, as
+    `optax.apply_if_finite` does, with selects (no `lax.cond`); the guard's own state
+    still records it. In the clip modes the gradient is scaled down before `inner`.
+    The settings are those of `jaxgrad.spike_init`; see docs/spike_guard.md for the
+    defaults and where they come from.
+
+    Read the guard with `optax.tree_utils.tree_get(opt_state, "spike_guard")`: a
+    `jaxgrad.SpikeState`, whose `as_dict()` gives the counters and the last decision
+    for a logger, and whose `.last` is the `SpikeDecision` to hand to
+    `jaxgrad.keep_if_skipped` for model state outside the optimizer (BatchNorm).
+
+    Args:
+        inner: the transformation to guard (e.g. `optax.adamw(1e-3)`); extra
+            arguments other than `loss` are passed on to it.
+        max_norm: clip the gradient to this global norm before `inner` (`inf`: no
+            clip); the guard watches the norm before this clip.
+        by: per-group norms as in `jaxgrad.grad_stats`; the groups are read from the
+            parameters at `init`.
+        axis_name: the mesh axis name (or names) along which the updates are shards
+            or replicas; the norms and the loss are reduced over it so that every
+            replica takes the same decision (docs/many_devices.md).
+        statistics: see `jaxgrad.spike_init`.
+        window: see `jaxgrad.spike_init`.
+        decay: see `jaxgrad.spike_init`.
+        z: see `jaxgrad.spike_init`.
+        warmup: see `jaxgrad.spike_init`.
+        patience: see `jaxgrad.spike_init`.
+        mode: see `jaxgrad.spike_init`.
+        admit: see `jaxgrad.spike_init`.
+        watch: see `jaxgrad.spike_init`.
+        loss: watch the loss too; `update` then needs `loss=` (optax's extra
+            arguments: `tx.update(grads, state, params, loss=loss)`). Without it, a
+            `loss=` given to `update` is ignored.
+
+    Returns:
+        An `optax.GradientTransformationExtraArgs` whose state is a
+        `jaxgrad.SpikeGuardState`.
+
+    Raises:
+        ValueError: if a setting is out of range (as `jaxgrad.spike_init`) or
+            `max_norm` is negative.
+        TypeError: if a setting has the wrong type; at `update`, if `loss` is missing
+            for a guard that watches it.
+
+    Example:
+        >>> import optax
+        >>> from jaxgrad.optax import spike_guard
+        >>> tx = spike_guard(optax.sgd(0.1), warmup=3, window=16)
+        >>> params = {"w": jnp.zeros(2)}
+        >>> state = tx.init(params)
+        >>> for g in [1.0, 1.1, 0.9, 30.0]:
+        ...     updates, state = tx.update({"w": jnp.full(2, g)}, state, params)
+        >>> updates["w"], optax.tree_utils.tree_get(state, "spike_guard").as_dict()["skips"]
+        (Array([0., 0.], dtype=float32), 1)
+    """
+    from ._spike import SpikeGuardState, spike_check, spike_init
+
+    bound = check_bound("max_norm", max_norm)
+    settings: dict[str, Any] = dict(
+        statistics=statistics,
+        window=window,
+        decay=decay,
+        z=z,
+        warmup=warmup,
+        patience=patience,
+        mode=mode,
+        admit=admit,
+        watch=watch,
+        loss=loss,
+    )
+    spike_init(None, **settings)  # check the settings now, not at `init`
+    guarded = optax.with_extra_args_support(inner)
+
+    def init_fn(params: PyTree) -> optax.OptState:
+        guard = spike_init(params, by=by, **settings)
+        return cast(optax.OptState, SpikeGuardState(guard, guarded.init(params)))
+
+    def update_fn(
+        updates: PyTree,
+        state: Any,
+        params: PyTree | None = None,
+        *,
+        loss: ArrayLike | None = None,
+        **extra_args: Any,
+    ) -> tuple[PyTree, optax.OptState]:
+        if not isinstance(state, SpikeGuardState):
+            raise TypeError(
+                "`state` must be the `SpikeGuardState` from this transformation's "
+                f"`init`; got {type(state).__name__}."
+            )
+        clipped, stats = grad_clip(updates, bound, by=by, axis_name=axis_name)
+        watched = loss if settings["loss"] else None  # a chain may pass `loss` to everyone
+        decision, guard = spike_check(state.spike_guard, stats, loss=watched, axis_name=axis_name)
+        if mode != "skip":  # the guard's scale on top of the clip to `max_norm`
+            extra = jnp.where(decision.scale < stats.scale, decision.scale / stats.scale, 1).astype(
+                stats.scale.dtype
+            )
+            clipped = jax.tree.map(lambda x: x * extra.astype(x.dtype), clipped)
+        new_updates, new_inner = guarded.update(clipped, state.inner_state, params, **extra_args)
+        skip = decision.skipped
+        new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+        new_inner = jax.tree.map(lambda n, o: jnp.where(skip, o, n), new_inner, state.inner_state)
+        return new_updates, cast(optax.OptState, SpikeGuardState(guard, new_inner))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
