@@ -1,11 +1,11 @@
 """optax bridge: gradient transformations built on jaxgrad (needs optax).
 
 `clip_with_stats` (a clip whose state holds its statistics), `track_noise_scale` (a
-transformation whose state smooths the gradient noise scale) and `track_update_stats` (a
+transformation whose state smooths the gradient noise scale), `track_update_stats` (a
 transformation whose state holds the update-to-parameter statistics) and `spike_guard`
-(an optimizer wrapper that skips or clips outlier steps). Each state holds
-its values under a name no other state uses (`clip_stats`, `noise_scale`,
-`update_stats`), so that `optax.tree_utils.tree_get(opt_state, name)` finds them
+(an optimizer wrapper that skips or clips outlier steps). Each state holds its values
+under a name no other state uses (`clip_stats`, `noise_scale`, `update_stats`,
+`spike_guard`), so that `optax.tree_utils.tree_get(opt_state, name)` finds them
 wherever the transformation sits, in a plain optax state as in the state of an
 `nnx.Optimizer`.
 
