@@ -179,7 +179,7 @@ def test_every_function_with_by_gets_the_same_groups(by):
     assert jg.grad_clip(params, 1.0, by=by)[1].groups.names == names
     assert jg.update_stats(params, params, by=by).names == names
     assert jg.noise_scale_init(params, by=by).names == names
-    assert clip_with_stats(1.0, by=by).init(params).groups.names == names
+    assert clip_with_stats(1.0, by=by).init(params).clip_stats.groups.names == names
     assert track_update_stats(by=by).init(params)["update_stats"].names == names
 
 

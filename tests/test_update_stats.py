@@ -342,11 +342,6 @@ def test_gspmd_jit_with_replicated_and_sharded_leaves_on_8_devices(eight_devices
     _compare(results["gspmd"], expected)
 
 
-@pytest.mark.xfail(
-    reason="issue 17 item 1: inside shard_map a leaf replicated along `axis_name` is counted "
-    "once per shard by the numerics core (being rewritten); remove this mark when it passes",
-    strict=True,
-)
 def test_replicated_leaf_inside_shard_map_is_counted_once(eight_devices):
     results, expected = eight_devices
     _compare(results["replicated_in_shard_map"], expected)
