@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._checks import check_array_leaves, check_bound, checked_call, nnx_params
-from ._naming import By, Groups
+from ._naming import By, Groups, groups_of, static_by
 from ._numerics import (
     AxisName,
     Root,
@@ -17,7 +17,7 @@ from ._numerics import (
     scale_factors,
     tree_leaves,
 )
-from ._stats import GroupStats, groups_of, static_by
+from ._stats import GroupStats
 from ._stats import measure as measure_groups
 from ._typing import Array, ArrayLike, PyTree
 

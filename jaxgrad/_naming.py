@@ -281,3 +281,19 @@ def logger_dict(
             key = f"{prefix}{field}/{name}" if name else f"{prefix}{field}"
             out[key] = value.item() if value.ndim == 0 else value
     return out
+
+
+def static_by(grad: PyTree, by: By) -> str | Groups | None:
+    """`by` as a static argument of a kernel.
+
+    A name is kept, and the groups are found at trace time, at no cost per call; a
+    callable is run now, as plain Python, and its groups passed on.
+    """
+    if by is None or by in ("leaf", "group", "module"):
+        return by  # type: ignore[return-value]
+    return resolve_groups(grad, by)
+
+
+def groups_of(grad: PyTree, by: str | Groups | None) -> Groups:
+    """The groups of a static `by` (see `static_by`)."""
+    return by if isinstance(by, tuple) else resolve_groups(grad, by)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ._checks import check_array_leaves, checked_call, nnx_params
-from ._naming import By, Groups, logger_dict, resolve_groups
+from ._naming import By, Groups, groups_of, logger_dict, static_by
 from ._numerics import AxisName, Reduced, Segments, reduce_tree, tree_leaves
 from ._typing import Array, PyTree
 
@@ -106,22 +106,6 @@ def measure(
         names=("", *(name for name, _ in groups)),
     )
     return found, stats
-
-
-def static_by(grad: PyTree, by: By) -> str | Groups | None:
-    """`by` as a static argument of a kernel.
-
-    A name is kept, and the groups are found at trace time, at no cost per call; a
-    callable is run now, as plain Python, and its groups passed on.
-    """
-    if by is None or by in ("leaf", "group", "module"):
-        return by  # type: ignore[return-value]
-    return resolve_groups(grad, by)
-
-
-def groups_of(grad: PyTree, by: str | Groups | None) -> Groups:
-    """The groups of a static `by` (see `static_by`)."""
-    return by if isinstance(by, tuple) else resolve_groups(grad, by)
 
 
 @functools.partial(jax.jit, static_argnames=("by", "axis_name", "pack"))

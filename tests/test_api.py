@@ -90,5 +90,33 @@ def test_no_module_imports_another_modules_private_name():
     assert not offenders, offenders
 
 
+BASE = {"_typing", "_checks", "_gradient", "_donate", "_naming", "_numerics"}
+"""The shared base layer: types, checks, the Gradient pytree, placement, naming and
+grouping, numerics. A base module imports only base modules."""
+
+COMPOSES = {
+    "_clip": {"_stats"},  # the clip returns grad_stats' statistics from the same pass
+    "_spike": {"_clip", "_stats"},  # the guard measures and clips with grad_clip
+    "_noise": {"_accumulator", "_collectives"},  # the accumulator's scan, grad_pmean's psum
+}
+"""Feature modules that build on another feature's public function (composition); every
+other feature module imports only the base layer. `optax`, `gradient_util` and
+`__init__` are the front of the package and may import anything."""
+
+
+def test_feature_modules_import_only_the_base_layer_or_what_they_compose():
+    offenders = []
+    for path in sorted((ROOT / "jaxgrad").glob("*.py")):
+        name = path.stem
+        if name in ("__init__", "optax", "gradient_util"):
+            continue
+        allowed = BASE | COMPOSES.get(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0 and node.module:
+                if node.module not in allowed:
+                    offenders.append(f"{name} imports {node.module}")
+    assert not offenders, offenders
+
+
 def test_version_comes_from_the_package_metadata():
     assert jg.__version__ == importlib.metadata.version("jaxgrad")
