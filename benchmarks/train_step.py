@@ -62,6 +62,8 @@ times, a second table counts the collectives of each variant's compiled HLO text
 Sizes: MLP 24 blocks, D=128, batch 128 on CPU, 48 blocks, D=1024, batch 512 with
 `--gpu-size` (the default when JAX's backend is a GPU and no size option is given);
 GPT 4 blocks, D=128, sequences of 128 tokens, batch 16 (64 with `--gpu-size`).
+`--smoke` runs tiny sizes, 3 rounds and one compile per variant at XLA's optimization
+level 0, with no warm-up compile: a check that everything runs, not a measurement.
 
 Usage: python benchmarks/train_step.py [--model mlp|gpt] [--devices N] [--mesh fsdp|2d]
        [--blocks N] [--dim D] [--batch B] [--seq T] [--rounds N] [--compile-rounds N]
