@@ -1,22 +1,32 @@
 """Cost per leaf: compiled size and compile time of each whole-gradient op, and first calls.
 
-Part 1 compiles every op alone (under `jax.jit`) on a tree of N small leaves and on 2N,
-next to `optax.clip_by_global_norm`: the HLO text size (deterministic) and the compile
-time (median of interleaved compiles, since a shared machine's load drifts), with ratios
-to optax. An op whose cost grows with the square of the leaf count shows a 2N/N ratio
+Part 1 compiles every op alone (under `jax.jit`) on a tree of N small leaves, next to the
+reference `optax.clip_by_global_norm`. Compile times are measured fairly: every compile
+is of a fresh function object after `jax.clear_caches()`, so that no trace, lowering or
+executable cached by an earlier compile (jaxgrad's kernels are themselves jitted) is
+reused, as in a fresh process; each op is compiled in interleaved pairs with the
+reference (the two in a random order, back to back), and the table gives the median of
+the per-pair ratios (with their range), since a shared machine's load drifts. The HLO
+text size (deterministic) is compared to the reference's and to the same op's at 2N
+leaves: an op whose cost grows with the square of the leaf count shows a 2N/N ratio
 near 4.
 
 Part 2 times the first eager call of `grad_norm`, `grad_clip` and `grad_stats` on 2,000
 small leaves, each in a fresh process (so the first call pays every compilation, as in
 a notebook), and then the median of repeated calls.
 
-Usage: python benchmarks/leaf_cost.py [--leaves N] [--rounds R] [--first-leaves M] [--smoke]
+Usage: python benchmarks/leaf_cost.py [--leaves N] [--rounds R] [--first-leaves M]
+       [--only OP[,OP...]] [--skip-first-call] [--smoke]
+
+About 3 minutes on 2 quiet CPU cores with the defaults (200 leaves, 5 pairs per op);
+`--rounds 2` for a quicker, noisier look.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -59,37 +69,51 @@ OPS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+REFERENCE = "optax.clip_by_global_norm"
+
+
 def _compile(fn: Callable[[Any], Any], tree: Any) -> tuple[int, float]:
-    """HLO text size and seconds of `jax.jit` lower + compile of a fresh wrapper of `fn`."""
+    """HLO text size and seconds of lower + compile of a fresh jit, after clearing caches."""
+    jax.clear_caches()
+    jitted = jax.jit(lambda t: fn(t))  # a fresh function object: no cache entry to hit
     start = time.perf_counter()
-    compiled = jax.jit(lambda t: fn(t)).lower(tree).compile()
+    compiled = jitted.lower(tree).compile()
     return len(compiled.as_text()), time.perf_counter() - start
 
 
-def compile_table(leaves: int, rounds: int) -> str:
-    """Markdown: HLO chars and compile time per op at N and 2N leaves, ratios to optax."""
-    trees = {n: small_tree(n) for n in (leaves, 2 * leaves)}
-    hlo: dict[tuple[str, int], int] = {}
-    times: dict[tuple[str, int], list[float]] = {}
-    jobs = [(name, n) for name in OPS for n in trees]
-    shuffle = random.Random(0)
+def compile_table(leaves: int, rounds: int, ops: list[str] | None = None) -> str:
+    """Markdown: HLO chars at N and 2N leaves and paired compile-time ratios to optax."""
+    names = [name for name in OPS if name != REFERENCE and (ops is None or name in ops)]
+    small, large = small_tree(leaves), small_tree(2 * leaves)
+    jax.block_until_ready((small, large))
+    _compile(OPS[REFERENCE], small)  # untimed: the process's one-time costs
+    hlo = {name: _compile(OPS[name], small)[0] for name in [REFERENCE, *names]}
+    hlo_2n = {name: _compile(OPS[name], large)[0] for name in [REFERENCE, *names]}
+    seconds: dict[str, list[float]] = {name: [] for name in [REFERENCE, *names]}
+    ratios: dict[str, list[float]] = {name: [] for name in names}
+    order = random.Random(0)
     for _ in range(rounds):
-        for name, n in shuffle.sample(jobs, len(jobs)):
-            size, seconds = _compile(OPS[name], trees[n])
-            hlo[name, n] = size
-            times.setdefault((name, n), []).append(seconds)
-    base = "optax.clip_by_global_norm"
+        for name in order.sample(names, len(names)):
+            pair = {}
+            for member in order.sample([REFERENCE, name], 2):
+                pair[member] = _compile(OPS[member], small)[1]
+                seconds[member].append(pair[member])
+            ratios[name].append(pair[name] / pair[REFERENCE])
     lines = [
         f"| op | HLO chars, {leaves} leaves | HLO / optax | HLO {2 * leaves} / {leaves} | "
-        f"compile s, {leaves} leaves | compile / optax |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"compile s, {leaves} leaves | compile / optax (median of pairs) | range |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in OPS:
-        t = statistics.median(times[name, leaves])
-        t_base = statistics.median(times[base, leaves])
+    for name in [REFERENCE, *names]:
+        t = statistics.median(seconds[name])
+        if name == REFERENCE:
+            ratio, spread = "1.00", "—"
+        else:
+            ratio = f"{statistics.median(ratios[name]):.2f}"
+            spread = f"{min(ratios[name]):.2f}–{max(ratios[name]):.2f}"
         lines.append(
-            f"| {name} | {hlo[name, leaves]:,} | {hlo[name, leaves] / hlo[base, leaves]:.2f} | "
-            f"{hlo[name, 2 * leaves] / hlo[name, leaves]:.2f} | {t:.2f} | {t / t_base:.2f} |"
+            f"| {name} | {hlo[name]:,} | {hlo[name] / hlo[REFERENCE]:.2f} | "
+            f"{hlo_2n[name] / hlo[name]:.2f} | {t:.2f} | {ratio} | {spread} |"
         )
     return "\n".join(lines)
 
@@ -115,8 +139,6 @@ print(json.dumps({{"first": first, "again": again[len(again) // 2]}}))
 
 def first_call_table(leaves: int) -> str:
     """Markdown: the first eager call (fresh process) and the median repeated call."""
-    import os
-
     here = os.path.dirname(os.path.abspath(__file__))
     lines = [
         f"| op, eager, {leaves} leaves | first call s (fresh process) | repeated call ms |",
@@ -134,24 +156,36 @@ def first_call_table(leaves: int) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     """Print (and return) both tables."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--leaves", type=int, default=200, help="N for the compile table")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved compiles per op")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved pairs (op, optax) per op (default 5)"
+    )
     parser.add_argument("--first-leaves", type=int, default=2000, help="leaves for part 2")
-    parser.add_argument("--smoke", action="store_true", help="20 leaves, 1 round: a check")
+    parser.add_argument("--only", metavar="OP[,OP]", help=f"a subset of: {', '.join(OPS)}")
+    parser.add_argument("--skip-first-call", action="store_true", help="part 1 only")
+    parser.add_argument("--smoke", action="store_true", help="20 leaves, 1 pair: a check")
     args = parser.parse_args(argv)
     if args.smoke:
         args.leaves, args.rounds, args.first_leaves = 20, 1, 50
     if min(args.leaves, args.rounds, args.first_leaves) < 1:
         parser.error("--leaves, --rounds and --first-leaves must be positive")
+    ops = None
+    if args.only is not None:
+        ops = [op.strip() for op in args.only.split(",") if op.strip()]
+        unknown = sorted(set(ops) - set(OPS))
+        if unknown or not ops:
+            parser.error(f"--only: unknown op(s) {unknown}; choose from {list(OPS)}")
     header = (
         f"# Cost per leaf\n\n{time.strftime('%Y-%m-%d %H:%M')}, jax {jax.__version__}, "
-        f"{jax.devices()[0].device_kind}; compile time: median of {args.rounds} "
-        "interleaved compiles."
+        f"{jax.devices()[0].device_kind}, {os.cpu_count()} cores; compile time: {args.rounds} "
+        f"interleaved pair{'s' if args.rounds != 1 else ''} with optax per op, each compile of a fresh function after "
+        "jax.clear_caches(); the ratio is the median of the pairs' ratios."
     )
-    text = "\n\n".join(
-        [header, compile_table(args.leaves, args.rounds), first_call_table(args.first_leaves)]
-    )
+    parts = [header, compile_table(args.leaves, args.rounds, ops)]
+    if not args.skip_first_call:
+        parts.append(first_call_table(args.first_leaves))
+    text = "\n\n".join(parts)
     print(text)
     return text
 
