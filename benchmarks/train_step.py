@@ -123,6 +123,7 @@ VARIANTS = [
     "jaxgrad clip",
     "jaxgrad full diagnostics",
     "jaxgrad clip+stats+report (3 calls)",
+    "jaxgrad spike guard",
 ]
 MODELS = ("mlp", "gpt")
 MESHES = ("fsdp", "2d")
@@ -298,13 +299,19 @@ PROCESS: dict[str, GradFn] = {
     "jaxgrad clip": process_jaxgrad_clip,
     "jaxgrad full diagnostics": process_full_diagnostics,
     "jaxgrad clip+stats+report (3 calls)": process_three_calls,
+    "jaxgrad spike guard": process_plain,  # the guard measures and clips in the optimizer
 }
 
 
 def with_clip(variant: str, opt: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`opt`, behind `clip_by_global_norm(1.0)` for `optax clip`."""
+    """`opt`, behind `clip_by_global_norm(1.0)` for `optax clip`; inside the spike guard
+    (with the one-pass clip and per-leaf norms) for `jaxgrad spike guard`."""
     if variant == "optax clip":
         return optax.chain(optax.clip_by_global_norm(1.0), opt)
+    if variant == "jaxgrad spike guard":
+        from jaxgrad.optax import spike_guard
+
+        return spike_guard(opt, max_norm=1.0, by="leaf")
     return opt
 
 

@@ -30,7 +30,9 @@ def _all_finite(grad: PyTree, *, axis_name: AxisName, pack: bool = True) -> Arra
     leaves = tree_leaves(grad)
     if not leaves:
         return jnp.asarray(True)
-    return reduce_tree(leaves, axis_name=axis_name, pack=pack, norms=False, nonfinite=True).finite
+    found = reduce_tree(leaves, axis_name=axis_name, pack=pack, norms=False, nonfinite=True)
+    assert found.finite is not None
+    return found.finite
 
 
 def grad_all_finite(grad: PyTree, *, axis_name: AxisName = None) -> Array:
@@ -248,6 +250,7 @@ def _where_finite(
         found = reduce_tree(
             tree_leaves(grad), axis_name=axis_name, pack=pack, norms=False, nonfinite=True
         )
+        assert found.finite is not None
         ok = flag_once(found.finite) == 1  # computed once, not in every leaf's fusion
 
     def pick(x: Any, y: Any) -> Array:

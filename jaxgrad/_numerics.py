@@ -172,7 +172,7 @@ def _packable(leaf: Array, local: bool) -> bool:
     if isinstance(leaf, Tracer):
         sharding = getattr(jax.typeof(leaf), "sharding", None)
         mesh = getattr(sharding, "mesh", None)
-        types = tuple(getattr(mesh, "axis_types", ()) or ())
+        types: tuple[Any, ...] = tuple(getattr(mesh, "axis_types", None) or ())
         known = (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Manual)
         if not types or not all(t in known for t in types):
             return False

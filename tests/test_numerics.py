@@ -267,3 +267,23 @@ def test_bfloat16_tiny_entries_survive():
     x = jnp.asarray(np.array([3e-30, 4e-30]), ml_dtypes.bfloat16)
     v = np.asarray(x, np.float64)
     np.testing.assert_allclose(jg.grad_norm({"w": x}), np.linalg.norm(v), rtol=1e-6)
+
+
+def test_no_data_dependent_conditional_in_a_cuda_train_step_with_the_spike_guard():
+    import optax
+
+    from jaxgrad.optax import spike_guard
+
+    params = {"w": jnp.ones((16, 8)), "b": jnp.zeros(8)}
+    tx = spike_guard(optax.adamw(1e-3), max_norm=1.0, by="leaf")
+
+    def step(params, state, x):
+        grads = jax.grad(lambda p: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) ** 2))(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    with jax.numpy_dtype_promotion("standard"):  # optax's adam needs it
+        args = (params, tx.init(params), jnp.ones((4, 16)))
+        text = jax.export.export(jax.jit(step), platforms=["cuda"])(*args).mlir_module()
+    assert data_dependent_conditionals(text) == []
+    assert "stablehlo.select" in text
