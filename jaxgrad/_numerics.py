@@ -571,7 +571,7 @@ def reduce_tree(
                 found[name] = [seg.reduce(vector, idx, op) for seg in segs]
             summed = {k: v for k, v in found.items() if k != "max"}
             if axes and summed:
-                found.update(jax.lax.psum(summed, axes))
+                found.update(_psum_packed(summed, axes))
             for name, groups in found.items():
                 if name not in totals:
                     totals[name] = groups
@@ -648,6 +648,19 @@ def reduce_tree(
 
 def _identity(m: Array) -> Array:
     return m
+
+
+def _psum_packed(values: dict[str, list[Array]], axes: tuple[str, ...]) -> dict[str, list[Array]]:
+    """`jax.lax.psum(values, axes)` as one psum per dtype: the vectors concatenated first."""
+    leaves, treedef = jax.tree.flatten(values)
+    out: list[Array | None] = [None] * len(leaves)
+    for dtype in {x.dtype for x in leaves}:
+        idx = [i for i, x in enumerate(leaves) if x.dtype == dtype]
+        total = jax.lax.psum(jnp.concatenate([leaves[i] for i in idx]), axes)
+        bounds = np.cumsum([leaves[i].size for i in idx])[:-1]
+        for i, part in zip(idx, jnp.split(total, bounds), strict=True):
+            out[i] = part
+    return jax.tree.unflatten(treedef, out)
 
 
 def per_leaf(

@@ -199,10 +199,13 @@ def _psums(jaxpr) -> list:
     overflow-safe branch (NaN, inf or squares beyond float32) there, with its own psum.
     """
     found = []
+    platform = {v for e in jaxpr.eqns if e.primitive.name == "platform_index" for v in e.outvars}
     for eqn in jaxpr.eqns:
         if eqn.primitive.name.startswith("psum"):
             found.append(eqn)
         if eqn.primitive.name == "cond":
+            if eqn.invars and eqn.invars[0] in platform:  # `platform_dependent`: the
+                found += _psums(eqn.params["branches"][-1].jaxpr)  # default (GPU) form
             continue
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
@@ -225,14 +228,18 @@ def _psums(jaxpr) -> list:
     ids=["norm", "magnitude", "rms", "accumulate", "normalize", "normalize_"],
 )
 def test_one_float32_psum_per_reduction_whatever_the_leaves(reduction):
+    """One psum of float32 partial sums (on the ordinary path of the GPU/TPU form: the
+    plain and scaled sums of squares travel together), whatever the leaves."""
     mesh = jax.make_mesh((1,), ("data",))
     tree = make_tree("nested", jnp.bfloat16)  # 4 bfloat16 leaves
-    run = jax.shard_map(reduction, mesh=mesh, in_specs=P(), out_specs=P())
+    # check_vma=False: every leaf is taken as a shard (replicated ones are not summed)
+    run = jax.shard_map(reduction, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
     psums = _psums(jax.make_jaxpr(run)(tree).jaxpr)
     assert len(psums) == 1
+    # the float32 partials: the plain and the two scaled sums of squares of the whole
+    # gradient (one group), in one vector
     (operand,) = psums[0].invars
-    # the float32 partial: the sum of squares (a 1-vector: one group, the whole gradient)
-    assert operand.aval.dtype == jnp.float32 and operand.aval.shape in [(), (1,)]
+    assert operand.aval.dtype == jnp.float32 and operand.aval.shape in [(), (1,), (3,)]
 
 
 # -- one device: random_grad(out_shardings=...) --------------------------------------------

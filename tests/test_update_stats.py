@@ -290,7 +290,7 @@ EIGHT_DEVICES = textwrap.dedent(
     out["gspmd"] = fields(gspmd(put(updates, mixed), put(params, mixed)))
     out["replicated_in_shard_map"] = fields(jax.jit(jax.shard_map(
         lambda u, p: jg.update_stats(u, p, by="leaf", axis_name="data"),
-        mesh=mesh, in_specs=(mixed, mixed), out_specs=P(), check_vma=False,
+        mesh=mesh, in_specs=(mixed, mixed), out_specs=P(), check_vma=True,
     ))(put(updates, mixed), put(params, mixed)))
     print("RESULT " + json.dumps(out))
     """

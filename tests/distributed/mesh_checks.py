@@ -497,10 +497,10 @@ def check_shard_map_reductions_one_psum_global_value_on_every_shard() -> None:
     for label, axis_name, smap, g, _ in shard_map_cases():
         axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
         for name, fn in REDUCTIONS.items():
-            # a single psum per reduction (of the float32 partial), whatever the leaves
+            # one all-reduce per set of axes the leaves vary along, whatever the leaves
             one = smap(lambda t, fn=fn, a=axis_name: fn(t, axis_name=a), P())
-            psums = count_psums(jax.make_jaxpr(one)(g).jaxpr)
-            assert psums == 1, (f"{name} in shard_map on {label}", psums)
+            _, single = jit_run(one, g)
+            assert 1 <= single["all-reduce"] <= 2, (f"{name} in shard_map on {label}", single)
         # every shard holds the global value: one row per shard
         per_shard = smap(
             lambda t, a=axis_name: jnp.stack([fn(t, axis_name=a) for fn in REDUCTIONS.values()])[
@@ -527,7 +527,8 @@ def check_shard_map_normalize_equals_single_device() -> None:
             "grad_normalize_": jg.grad_normalize_,
         }.items():
             one = smap(lambda t, fn=fn, a=axis_name: fn(t, axis_name=a), specs)
-            assert count_psums(jax.make_jaxpr(one)(g).jaxpr) == 1, (name, label)
+            _, single = jit_run(one, g)
+            assert 1 <= single["all-reduce"] <= 2, (name, label, single)
         both = smap(
             lambda t, a=axis_name: (
                 jg.grad_normalize(t, axis_name=a),
