@@ -198,9 +198,7 @@ def _segments(groups: Groups, leaves: int) -> list[Segments]:
     return out
 
 
-def squared_norms(
-    leaves: Sequence[Array], segments: Sequence[Segments], acc: np.dtype, pack: bool = True
-) -> Array:
+def squared_norms(leaves: Sequence[Array], segments: Sequence[Segments], acc: np.dtype) -> Array:
     """Squared L2 norms of the leaves per segment group, concatenated: one read of the leaves.
 
     `segments[0]` is the whole gradient. The norms are those of the packed reduction
@@ -210,7 +208,7 @@ def squared_norms(
     count = sum(seg.groups for seg in segments)
     if not leaves:
         return jnp.zeros(count, acc)
-    found = reduce_tree(leaves, segments[1:], pack=pack)
+    found = reduce_tree(leaves, segments[1:])
     return jnp.concatenate([(n * n).astype(acc) for n in found.norms()])
 
 
@@ -329,7 +327,6 @@ def grad_microbatch_noise(
     groups = resolve_groups(params, by)
     segments = _segments(groups, len(leaves_of))
     names = ("", *(name for name, _ in groups))
-    pack = True
     sq_init = jnp.zeros(len(names), acc)
     if axis_name is not None or any(varying_axes(x) for x in jax.tree.leaves((params, batches))):
         init, sq_init = _varying_like_grads(
@@ -338,7 +335,7 @@ def grad_microbatch_noise(
 
     def fold(sq: Array, grad: PyTree) -> Array:
         leaves = [jnp.asarray(x) for x in jax.tree.leaves(grad)]
-        return sq + squared_norms(leaves, segments, acc, pack)
+        return sq + squared_norms(leaves, segments, acc)
 
     state, sq, aux = scan_gradients(
         grad_fn, params, batches, init, has_aux=has_aux, fold=fold, carry=sq_init
@@ -348,7 +345,7 @@ def grad_microbatch_noise(
         total, sq = pmean_wide(state.total, axis_name, sq)
         state = dataclasses.replace(state, total=total)
     wide = wide_mean(state)
-    big = squared_norms(jax.tree.leaves(wide), segments, acc, pack)
+    big = squared_norms(jax.tree.leaves(wide), segments, acc)
     noise = estimates(sq / count, big, b_small, count, names)
     mean = narrow(wide, state.dtypes)
     return ((mean, aux) if has_aux else mean), noise
@@ -465,10 +462,9 @@ def grad_pmean_noise(
     groups = resolve_groups(grad, by)
     segments = _segments(groups, len(leaves))
     names = ("", *(name for name, _ in groups))
-    pack = True
-    sq = squared_norms(leaves, segments, acc, pack)
+    sq = squared_norms(leaves, segments, acc)
     wide, sq = pmean_wide(leaves, axis_name, sq)  # grad_pmean's all-reduce, squares riding
-    big = squared_norms(wide, segments, acc, pack)
+    big = squared_norms(wide, segments, acc)
     noise = estimates(sq / replicas, big, b_small, replicas, names)
     mean = [m.astype(x.dtype) for m, x in zip(wide, leaves, strict=True)]
     return jax.tree.unflatten(treedef, mean), noise

@@ -537,11 +537,8 @@ def reduce_tree(
             return jnp.max(jnp.abs(x), initial=0).astype(acc).reshape(1)
         return _reduce_piece(piece, matrices[p], _identity, _abs_max)
 
-    def sum_of(transform: Callable[[Array], Array]) -> Callable[[int], Array]:
-        return lambda p: _reduce_piece(plan.pieces[p], matrices[p], transform, jnp.sum)
-
     kinds: dict[str, Callable[[int], Array]] = {
-        "plain": sum_of(_square),
+        "plain": lambda p: _reduce_piece(plan.pieces[p], matrices[p], _square, jnp.sum),
         "count": count,
         "max": largest,
     }
@@ -587,19 +584,19 @@ def reduce_tree(
             totals["max"] = jax.lax.pmax(totals["max"], axis_names(axis_name))
         return totals
 
-    rare = ["small", "large"] + (["count"] if nonfinite else [])
-    ordinary = (["plain"] if norms else []) + (["max"] if max_abs else [])
-    if not norms:
-        ordinary += ["count"] if nonfinite else []
-        rare = []
-    totals = grouped(ordinary + rare)
+    totals = grouped(
+        (["plain", "small", "large"] if norms else [])
+        + (["count"] if nonfinite else [])
+        + (["max"] if max_abs else [])
+    )
 
     roots: list[Root] = []
     finite = None
     if norms:
         parts = zip(totals["plain"], totals["small"], totals["large"], strict=True)
         roots = [_pick(plain, small, large, spec) for plain, small, large in parts]
-        finite = jnp.isfinite(totals["small"][0][0])  # 0 when not needed: all finite
+        # the scaled-down sum keeps NaN and inf entries and never overflows otherwise
+        finite = jnp.isfinite(totals["small"][0][0])
     if nonfinite and not norms:
         finite = totals["count"][0][0] == 0
     maxima = None

@@ -140,7 +140,7 @@ def _norms_and_rms(
 
 @functools.partial(jax.jit, static_argnames=("groups", "axis_name", "pack"))
 def _update_stats(
-    updates: PyTree, params: PyTree, *, groups: Groups, axis_name: AxisName, pack: bool
+    updates: PyTree, params: PyTree, *, groups: Groups, axis_name: AxisName, pack: bool = True
 ) -> UpdateStats:
     update_norm, param_norm, update_rms, param_rms = _norms_and_rms(
         tree_leaves(updates), tree_leaves(params), groups, axis_name, pack
@@ -214,5 +214,4 @@ def update_stats(
     check_same_shapes("updates", updates, "params", params)
     check_axis_name(axis_name, optional=True)
     groups = resolve_groups(params, by)
-    pack = True
-    return _update_stats(updates, params, groups=groups, axis_name=axis_name, pack=pack)
+    return _update_stats(updates, params, groups=groups, axis_name=axis_name)
