@@ -12,17 +12,21 @@ and noise estimate of jaxgrad is computed by it. Its cost model (docs/performanc
   per-entry transform used maps 0 to 0 and every reduction has 0 as its identity (sums,
   counts, maxima of non-negative values), so the padding changes no result. Larger
   leaves are reduced one by one over all their axes, in place, whatever their sharding.
-- **One read, no conditional.** Sums of squares are exact for every finite input: each
-  piece gives three sibling sums read in one pass, of the squares of the entries as
-  they are, scaled down by `2**-DOWN` and scaled up by `2**UP`, and each group picks
+- **No conditional, and cheap on CPU.** Sums of squares are exact for every finite
+  input: each piece gives three sibling sums, of the squares of the entries as they
+  are, scaled down and scaled up (by the powers of two below), and each group picks
   afterwards, with a select, the first that is neither overflowed nor at risk of
-  underflow. The scaling works on the exponent bits (integer arithmetic), which XLA
-  cannot reassociate with the squaring (it rewrites `(x*c)*(x*c)` as `(x*x)*(c*c)` for a
-  known constant `c`, which overflows, and it constant-folds an optimization barrier
-  away). There is no `lax.cond`: XLA's GPU runtime would copy the predicate to the host
-  and wait for the stream in every step, on CPU a conditional over the gradient's
-  leaves cost more in a train step (1.3x optax's clip) than the sibling sums (1.05x),
-  and under `vmap` a conditional becomes a select that runs both branches anyway.
+  underflow. Each sum has its own producer from the entries (no shared `abs`, no
+  stacked operand): XLA's CPU backend then makes each one a vectorized reduction that
+  reads the gradient and writes nothing else (a shared or stacked operand is first
+  written out in full), and on GPU XLA fuses the siblings into one kernel. The maximum
+  and the non-finite count, exact in any order, are one variadic reduction (a count
+  alone would write its predicate out first on CPU); the sums are not, as XLA's CPU loop
+  for a variadic reduction sums in sequence (1% off on 16M entries). There is no
+  `lax.cond`: XLA's GPU runtime would copy the predicate to the host and wait for the
+  stream in every step, on CPU a conditional over the gradient's leaves cost more in a
+  train step (1.3x optax's clip) than the sibling sums (1.05x), and under `vmap` a
+  conditional becomes a select that runs both branches anyway.
 - **Scalars once.** The global scalars that every leaf's output reads (a clip scale, a
   finite flag) come out of a division (`scale_factors`, `flag_once`): XLA never
   duplicates a division into the fusions that read it, so the chain of partial sums
@@ -41,7 +45,9 @@ finite and at least `2**-64` [`2**-600`]. Below that every entry is below `2**-3
 still has a normal square; above it, the squares lost to underflow (each below
 `2**-126`) are below one rounding error of the sum. A sum that overflowed is taken from
 the entries scaled down by `2**-80` [`2**-600`]: the largest float32, about `2**128`,
-becomes `2**48`, whose square times 2**31 entries is still finite.
+becomes `2**48`, whose square times 2**31 entries is still finite. Scaled-up values are
+clipped at `2**62` [`2**510`], which no value the picked sum reads ever reaches, and
+whose square is finite.
 """
 
 from __future__ import annotations
@@ -63,11 +69,12 @@ AxisName = str | tuple[str, ...] | None
 PACK_LIMIT = 4096
 """Leaves with at most this many entries are packed into shared matrices."""
 
-PACK_ROWS = 16
-"""Leaves per packed matrix: XLA's compile time of a concatenation grows faster than its
-number of operands, so many small ones compile faster than one large one (2,000 leaves
-of 8 entries on a 2-core CPU: about 3x faster in matrices of 16 or 64 rows than in one;
-16 rows compile fastest at 200 leaves)."""
+PACK_ROWS = 256
+"""Leaves per packed matrix. Each matrix costs its own reductions, so fewer matrices
+compile faster, but XLA's compile time of a concatenation grows faster than its number
+of operands. Measured on a 2-core CPU (compile of `grad_clip` / `grad_stats`): 200
+leaves, 0.50 / 0.70 s in matrices of 16 rows, 0.38 / 0.40 s of 256, 0.38 / 0.39 s of
+1024; 2,000 leaves, 3.7 / 2.4 s of 16, 3.3 / 1.6 s of 256, 3.7 / 1.9 s of 1024."""
 
 
 def accumulation_dtype(dtypes: Any) -> np.dtype:
@@ -168,6 +175,11 @@ def _packable(leaf: Array, local: bool) -> bool:
     """
     if leaf.size > PACK_LIMIT or jnp.iscomplexobj(leaf):
         return False
+    return _whole_here(leaf, local)
+
+
+def _whole_here(leaf: Array, local: bool) -> bool:
+    """Whether no mesh axis splits `leaf`, so that reducing it moves no data (see `_packable`)."""
     if local or _one_device():
         return True
     if isinstance(leaf, Tracer):
@@ -263,53 +275,120 @@ def _reduce_piece(
 
 
 class _Scales(NamedTuple):
-    int_dtype: Any
-    mantissa: int  # bits of the significand's fraction
     down: int  # exponent removed when the plain sum overflowed
     up: int  # exponent added when the plain sum may have underflowed
     trusted: float  # smallest plain sum of squares taken as it is
+    cap: float  # scaled values are clipped here (its square is finite; see `_producers`)
 
 
 _SCALES = {
-    np.dtype(np.float32): _Scales(np.int32, 23, 80, 64, 2.0**-64),
-    np.dtype(np.float64): _Scales(np.int64, 52, 600, 600, 2.0**-600),
+    np.dtype(np.float32): _Scales(80, 64, 2.0**-64, 2.0**62),
+    np.dtype(np.float64): _Scales(600, 600, 2.0**-600, 2.0**510),
 }
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def scale_pow2(m: Array, k: int) -> Array:
-    """`m * 2**k` for non-negative `m`, by adding `k` to the exponent bits.
+def _producers(
+    m: Array, leaf: Array, spec: _Scales, counting: Any
+) -> dict[str, Callable[[], Array]]:
+    """What each kind of reduction reads, entry by entry, from the piece's values `m`.
 
-    Integer arithmetic, so XLA cannot reassociate it with a squaring or fold it away.
-    Scaled down, results below the smallest normal number become 0; scaled up, zeros and
-    subnormal inputs stay 0 and results beyond the largest finite value saturate there.
-    NaN and inf are kept. The derivative is that of `m * 2**k`.
+    A complex leaf alone is counted and maxed on its entries (`leaf`), its squares summed
+    on the parts in `m`. The scaled-up values are clipped at `spec.cap`, which keeps an
+    inf out of that sum's derivative where the sum is not used (it is used only when
+    every entry is below `2**-(up/2)`, see the module docstring). Scaled-down values are
+    clipped at the dtype's largest value, which changes only infinities and NaN (XLA's
+    CPU reductions take `min(NaN, c)` as `c`) and makes both infinite once squared: the
+    finite flag reads this sum. Either clip also stops XLA from rewriting the square
+    `(x*c)*(x*c)` of a one-entry leaf as `(x*x)*(c*c)`, which overflows. Clips are a
+    `minimum` of an `abs`, not `jnp.clip`: XLA's CPU backend cannot fuse a clamp into a
+    vectorized reduction and would write it out first. Each sum has its own producer
+    from `m` alone (no `abs` shared between them), so that on CPU each becomes one
+    vectorized reduction reading the gradient, with nothing materialized.
     """
-    spec = _SCALES[np.dtype(m.dtype)]
-    bits = jax.lax.bitcast_convert_type(m, spec.int_dtype)
-    special = jnp.asarray(np.asarray(np.inf, m.dtype).view(spec.int_dtype))
-    shift = jnp.asarray(abs(k) << spec.mantissa, spec.int_dtype)
-    if k < 0:
-        moved = jnp.maximum(bits - shift, 0)
-    else:
-        largest = jnp.asarray(np.asarray(np.finfo(m.dtype).max, m.dtype).view(spec.int_dtype))
-        normal = jnp.asarray(1 << spec.mantissa, spec.int_dtype)
-        moved = jnp.where(bits >= normal, jnp.minimum(bits, largest - shift) + shift, 0)
-    return jax.lax.bitcast_convert_type(jnp.where(bits >= special, bits, moved), m.dtype)
+    down = jnp.asarray(2.0**-spec.down, m.dtype)
+    up = jnp.asarray(2.0**spec.up, m.dtype)
+    cap = jnp.asarray(spec.cap, m.dtype)
+    top = jnp.asarray(np.finfo(m.dtype).max, m.dtype)
+    entries = leaf if jnp.iscomplexobj(leaf) else m
+    return {
+        "plain": lambda: m * m,
+        "small": lambda: _square(jnp.minimum(jnp.abs(m * down), top)),
+        "large": lambda: _square(jnp.minimum(jnp.abs(m * up), cap)),
+        "count": lambda: (~jnp.isfinite(entries)).astype(counting),
+        "max": lambda: jnp.abs(entries).astype(m.dtype),
+    }
 
 
-@scale_pow2.defjvp
-def _scale_pow2_jvp(k: int, primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
-    (m,), (dm,) = primals, tangents
-    return scale_pow2(m, k), dm * jnp.asarray(2.0**k, dm.dtype)
+def _piece_results(
+    piece: Piece,
+    m: Array,
+    leaf: Array,
+    names: Sequence[str],
+    spec: _Scales,
+    counting: Any,
+    fused: bool,
+) -> dict[str, Array]:
+    """The reductions `names` of one piece, per leaf of the piece (vectors of its leaves).
+
+    The sums are one reduction each (on CPU, XLA's vectorized reductions, which sum in a
+    tree; on GPU, sibling reductions that XLA fuses into one kernel). With `fused`, the
+    maximum and the count, exact in any order, are one variadic reduction: one kernel
+    that reads the piece once, where a count alone would first write its predicate out
+    in full on CPU. `fused` is for pieces whose data is all on this device: under GSPMD
+    XLA all-gathers a variadic reduction's partial results rather than all-reducing
+    them. (A variadic reduction is not used for the sums: XLA's CPU loop for it sums in
+    sequence, 1% off on 16M entries.)
+    """
+    make = _producers(m, leaf, spec, counting)
+    axes_of = (lambda x: (1,)) if piece.length is not None else (lambda x: tuple(range(x.ndim)))
+    found = {}
+    exact = ["max", "count"] if {"max", "count"} <= set(names) else []
+    if fused and exact and isinstance(m, Tracer):
+        largest, bad = make["max"](), make["count"]()
+        out = _max_and_count(largest, bad, axes_of(largest))
+        found.update({name: x.reshape(-1) for name, x in zip(exact, out, strict=True)})
+    for name in names:
+        if name in found:
+            continue
+        x = make[name]()
+        if name == "max":
+            found[name] = jnp.max(x, axis=axes_of(x), initial=0).reshape(-1)
+        else:
+            found[name] = jnp.sum(x, axis=axes_of(x), dtype=x.dtype).reshape(-1)
+    return found
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _max_and_count(largest: Array, bad: Array, axes: tuple[int, ...]) -> tuple[Array, Array]:
+    """`max(largest)` and `sum(bad)` over `axes` in one variadic reduction.
+
+    The derivative of the maximum is JAX's for `jnp.max` (shared equally between tied
+    entries); the count has none. (JAX's own rule for a variadic reduction fails on the
+    count's symbolic-zero tangent.)
+    """
+
+    def combine(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, Array]:
+        return jnp.maximum(a[0], b[0]), a[1] + b[1]
+
+    inits = (jnp.zeros((), largest.dtype), jnp.zeros((), bad.dtype))
+    out = jax.lax.reduce((largest, bad), inits, combine, axes)
+    return out[0], out[1]
+
+
+@_max_and_count.defjvp
+def _max_and_count_jvp(
+    axes: tuple[int, ...], primals: tuple[Array, Array], tangents: tuple[Array, Array]
+) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+    largest, bad = primals
+    found = _max_and_count(largest, bad, axes)
+    at = largest == jnp.expand_dims(found[0], axes)
+    ties = jnp.maximum(jnp.sum(at, axis=axes, dtype=largest.dtype), 1)
+    slope = jnp.sum(jnp.where(at, tangents[0], 0), axis=axes) / ties
+    return found, (slope, np.zeros(found[1].shape, jax.dtypes.float0))
 
 
 def _square(m: Array) -> Array:
     return m * m
-
-
-def _abs_max(m: Array, axis: Any) -> Array:
-    return jnp.max(jnp.abs(m), axis=axis, initial=0)
 
 
 class Root(NamedTuple):
@@ -330,19 +409,20 @@ class Root(NamedTuple):
 
 
 def _pick(plain: Array, small: Array, large: Array, spec: _Scales) -> Root:
-    """Per group: the first trusted of the plain, scaled-down and scaled-up sums."""
+    """Per group: the plain sum, or a scaled one where it overflowed or may have underflowed.
+
+    NaN where the plain sum is NaN (an entry is), which the scaled sums need not keep.
+    """
     dtype = plain.dtype
-    ordinary = jnp.isfinite(plain) & (plain >= spec.trusted)
-    overflowed = ~jnp.isfinite(plain)
+    tiny = plain < spec.trusted
+    overflowed = plain == jnp.inf
     root = jnp.where(
-        ordinary, safe_sqrt(plain), jnp.where(overflowed, safe_sqrt(small), safe_sqrt(large))
+        tiny, safe_sqrt(large), jnp.where(overflowed, safe_sqrt(small), safe_sqrt(plain))
     )
     up = jnp.where(
-        ordinary,
-        jnp.ones((), dtype),
-        jnp.where(
-            overflowed, jnp.asarray(2.0**spec.down, dtype), jnp.asarray(2.0**-spec.up, dtype)
-        ),
+        tiny,
+        jnp.asarray(2.0**-spec.up, dtype),
+        jnp.where(overflowed, jnp.asarray(2.0**spec.down, dtype), jnp.ones((), dtype)),
     )
     return Root(root, up)
 
@@ -523,33 +603,17 @@ def reduce_tree(
     for p, piece in enumerate(plan.pieces):
         classes.setdefault(piece.axes, []).append(p)
 
-    def count(p: int) -> Array:
-        piece = plan.pieces[p]
-        if piece.length is None:
-            x = leaves[piece.leaves[0]]  # a complex entry counts once
-            return jnp.sum(~jnp.isfinite(x), dtype=counting).reshape(1)
-        return jnp.sum(~jnp.isfinite(matrices[p]), axis=1, dtype=counting)
+    piece_results: dict[int, dict[str, Array]] = {}
 
-    def largest(p: int) -> Array:
-        piece = plan.pieces[p]
-        x = leaves[piece.leaves[0]]
-        if piece.length is None and jnp.iscomplexobj(x):
-            return jnp.max(jnp.abs(x), initial=0).astype(acc).reshape(1)
-        return _reduce_piece(piece, matrices[p], _identity, _abs_max)
-
-    kinds: dict[str, Callable[[int], Array]] = {
-        "plain": lambda p: _reduce_piece(plan.pieces[p], matrices[p], _square, jnp.sum),
-        "count": count,
-        "max": largest,
-    }
-
-    def scaled(p: int) -> Array:
-        """The scaled-down and scaled-up sums of squares of a piece, in one reduction."""
-        m = jnp.abs(matrices[p])
-        both = jnp.stack([_square(scale_pow2(m, -spec.down)), _square(scale_pow2(m, spec.up))])
-        if plan.pieces[p].length is None:
-            return jnp.sum(both, axis=tuple(range(1, both.ndim))).reshape(2, 1)
-        return jnp.sum(both, axis=2)
+    def results(p: int, names: Sequence[str]) -> dict[str, Array]:
+        if p not in piece_results:
+            piece = plan.pieces[p]
+            leaf = leaves[piece.leaves[0]]
+            fused = piece.length is not None or _whole_here(leaf, axis_name is not None)
+            piece_results[p] = _piece_results(
+                piece, matrices[p], leaf, names, spec, counting, fused
+            )
+        return piece_results[p]
 
     def grouped(names: Sequence[str]) -> dict[str, list[Array]]:
         """Per-group results of the kinds `names`, combined over each leaf's shard axes."""
@@ -557,12 +621,8 @@ def reduce_tree(
         for axes, members in classes.items():
             idx = np.concatenate([np.asarray(plan.pieces[p].leaves) for p in members])
             found: dict[str, list[Array]] = {}
-            pairs = [scaled(p) for p in members] if "small" in names else []
             for name in names:
-                if name in ("small", "large"):
-                    parts = [pair[0 if name == "small" else 1] for pair in pairs]
-                else:
-                    parts = [kinds[name](p) for p in members]
+                parts = [results(p, names)[name] for p in members]
                 vector = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
                 op = "max" if name == "max" else "sum"
                 found[name] = [seg.reduce(vector, idx, op) for seg in segs]
@@ -595,7 +655,7 @@ def reduce_tree(
     if norms:
         parts = zip(totals["plain"], totals["small"], totals["large"], strict=True)
         roots = [_pick(plain, small, large, spec) for plain, small, large in parts]
-        # the scaled-down sum keeps NaN and inf entries and never overflows otherwise
+        # the scaled-down sum is inf or NaN where an entry is, and never overflows otherwise
         finite = jnp.isfinite(totals["small"][0][0])
     if nonfinite and not norms:
         finite = totals["count"][0][0] == 0
@@ -614,10 +674,6 @@ def reduce_tree(
         max_abs=maxima,
         nonfinite=totals["count"] if nonfinite else None,
     )
-
-
-def _identity(m: Array) -> Array:
-    return m
 
 
 def _psum_packed(values: dict[str, list[Array]], axes: tuple[str, ...]) -> dict[str, list[Array]]:

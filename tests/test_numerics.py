@@ -20,10 +20,11 @@ from jaxgrad._numerics import PACK_LIMIT, PACK_ROWS, Segments, layout, reduce_tr
 
 
 def _leaves(seed: int = 0) -> list[jax.Array]:
-    """40 leaves of 5 to 8 entries (one padded length), 2 lone large ones, empty ones."""
+    """More than `PACK_ROWS` leaves of 5 to 8 entries (one padded length), so that one
+    matrix fills and another starts, 2 lone large ones, empty ones."""
     rng = np.random.default_rng(seed)
     out = []
-    for i in range(40):
+    for i in range(PACK_ROWS + 24):
         out.append(jnp.asarray(rng.normal(size=5 + i % 4).astype(np.float32)))
         if i == 7:
             out.append(jnp.asarray(rng.normal(size=(PACK_LIMIT + 3,)).astype(np.float32)))
