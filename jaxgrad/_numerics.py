@@ -332,21 +332,27 @@ def _piece_results(
 
     The sums are one reduction each (on CPU, XLA's vectorized reductions, which sum in a
     tree; on GPU, sibling reductions that XLA fuses into one kernel). With `fused`, the
-    maximum and the count, exact in any order, are one variadic reduction: one kernel
-    that reads the piece once, where a count alone would first write its predicate out
-    in full on CPU. `fused` is for pieces whose data is all on this device: under GSPMD
-    XLA all-gathers a variadic reduction's partial results rather than all-reducing
-    them. (A variadic reduction is not used for the sums: XLA's CPU loop for it sums in
-    sequence, 1% off on 16M entries.)
+    maximum and an integer count, exact in any order, are one variadic reduction: one
+    kernel that reads the piece once, where a count alone would first write its
+    predicate out in full on CPU. `fused` is for pieces whose data is all on this
+    device: under GSPMD XLA all-gathers a variadic reduction's partial results rather
+    than all-reducing them. (A variadic reduction is not used for the sums: XLA's CPU
+    loop for it sums in sequence, 1% off on 16M entries.)
     """
     make = _producers(m, leaf, spec, counting)
     axes_of = (lambda x: (1,)) if piece.length is not None else (lambda x: tuple(range(x.ndim)))
     found = {}
-    exact = ["max", "count"] if {"max", "count"} <= set(names) else []
-    if fused and exact and isinstance(m, Tracer):
-        largest, bad = make["max"](), make["count"]()
-        out = _max_and_count(largest, bad, axes_of(largest))
-        found.update({name: x.reshape(-1) for name, x in zip(exact, out, strict=True)})
+    # An integer count is exact in any order; a float32 one (beyond 2**31 entries
+    # without x64) needs XLA's summation tree.
+    integer = np.issubdtype(np.dtype(counting), np.integer)
+    if fused and integer and "count" in names and isinstance(m, Tracer):
+        largest = make["max"]()  # of the entries: a complex leaf's, not its parts'
+        largest, count = _max_and_count(largest, make["count"](), axes_of(largest))
+        if "max" not in names:
+            # Read the maximum (never below 0), or XLA drops it from the reduction and
+            # writes the count's predicate out first.
+            count = count + (largest < 0).astype(count.dtype)
+        found.update(max=largest.reshape(-1), count=count.reshape(-1))
     for name in names:
         if name in found:
             continue

@@ -100,6 +100,39 @@ def test_max_abs_is_nan_where_a_group_holds_nan():
     assert np.isnan(stats.as_dict()["max_abs/a"]) and stats.as_dict()["max_abs/b"] == 1.0
 
 
+def _written_arrays(text: str, entries: int) -> list[str]:
+    """The instructions of a compiled module's entry that write an array of at least
+    `entries` entries, other than its parameters and the free reshapes."""
+    entry = text[text.index("ENTRY") :]
+    found = []
+    for line in entry.splitlines():
+        match = re.match(r"\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* ([\w-]+)\(", line)
+        if not match or match.group(3) in ("parameter", "bitcast", "get-tuple-element"):
+            continue
+        size = int(np.prod([int(d) for d in match.group(2).split(",") if d]))
+        if size >= entries:
+            found.append(match.group(1))
+    return found
+
+
+def test_the_ordinary_path_reads_the_gradient_and_writes_nothing_of_its_size():
+    """Each reduction reads the leaves where they are: nothing gradient-sized is written
+    out first (a stacked, clamped or shared operand, a count's predicate), so that the
+    exact sums cost reads only; a clip writes its outputs and nothing else."""
+    grad = {"w": jnp.ones((256, 96)), "v": jnp.ones((300, 64)), "b": jnp.ones(96)}
+    ops = {
+        "grad_norm": jg.grad_norm,
+        "grad_stats": jg.grad_stats,
+        "grad_nonfinite_report": jg.grad_nonfinite_report,
+        "recipe": lambda g: jg.grad_clip(g, 1.0, by="leaf"),
+    }
+    for name, op in ops.items():
+        text = jax.jit(op).lower(grad).compile().as_text()
+        written = _written_arrays(text, 96 * 64)
+        outputs = 2 if name == "recipe" else 0  # the clipped w and v
+        assert len(written) == outputs, (name, written)
+
+
 def test_no_data_dependent_conditional_in_the_cuda_lowering():
     """XLA's GPU runtime runs a conditional by reading its predicate on the host; on CPU
     none is compiled either."""
