@@ -4,14 +4,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: test demo lint notebooks bench clean
+.PHONY: test test-slow demo lint notebooks bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The suite but the tests marked slow (notebooks, benchmark runs), which it names at the
+# end; `make test-slow` runs those. CI (.ci/run) runs both.
 test: $(BIN)/python
 	$(PIP) -e ".[test,flax]"
-	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile --slow=exclude
+
+test-slow: $(BIN)/python
+	$(PIP) -e ".[test,flax]"
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist load --slow=only
 
 demo: $(BIN)/python
 	$(PIP) -e ".[demo]"

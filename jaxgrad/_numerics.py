@@ -353,6 +353,16 @@ def _piece_results(
             # writes the count's predicate out first.
             count = count + (largest < 0).astype(count.dtype)
         found.update(max=largest.reshape(-1), count=count.reshape(-1))
+    sums = [n for n in names if n in ("plain", "small", "large", "count") and n not in found]
+    alone = piece.length is None and m.shape == leaf.shape and leaf.size <= PACK_LIMIT
+    if not fused and alone and len(sums) > 1:
+        # A small leaf whose placement is not known (GSPMD, Auto axes): its sums (a count
+        # of at most PACK_LIMIT entries is exact in float) in one reduction of one
+        # stacked operand, which XLA partitions into one partial sum and one all-reduce.
+        stacked = jnp.stack([make[n]().astype(m.dtype) for n in sums])
+        totals = jnp.sum(stacked, axis=tuple(range(1, stacked.ndim)))
+        for k, name in enumerate(sums):
+            found[name] = totals[k].astype(counting if name == "count" else m.dtype).reshape(-1)
     for name in names:
         if name in found:
             continue

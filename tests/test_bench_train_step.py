@@ -67,6 +67,7 @@ def _check_times(rows, names):
     assert float(rows["optax clip"][1]) == 1.0 and float(rows["optax clip"][4]) == 1.0
 
 
+@pytest.mark.slow
 def test_smoke_table_has_every_variant_with_positive_numbers(bench, capsys):
     text = _run(bench, ["--smoke", "--rounds", "1"])
     assert capsys.readouterr().out.strip() == text.strip()
@@ -76,6 +77,7 @@ def test_smoke_table_has_every_variant_with_positive_numbers(bench, capsys):
     assert "collective" not in text.lower().split("- ratios")[0]  # one device: no such table
 
 
+@pytest.mark.slow
 def test_gpt_smoke(bench):
     names = ["optax clip", "jaxgrad full diagnostics"]
     text = _run(
@@ -98,6 +100,7 @@ def test_gpt_default_size_is_the_issues_model(bench):
     assert shapes.count((4096, 128)) == 1 and shapes.count((128, 4096)) == 1  # untied head
 
 
+@pytest.mark.slow
 def test_many_devices_in_a_subprocess(bench):
     names = ["optax clip", "jaxgrad full diagnostics"]
     argv = [

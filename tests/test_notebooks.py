@@ -32,6 +32,23 @@ def test_the_kernel_is_this_python():
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda path: path.stem)
+def test_the_stored_copy_is_executed_with_its_outputs(path):
+    """The copy in the repository is the executed one (`make test-slow` re-runs it): every
+    code cell ran in order, none failed, and the notebooks with plots store them."""
+    notebook = nbformat.read(path, as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    counts = [cell.execution_count for cell in code]
+    assert code and all(counts) and counts == sorted(counts), counts
+    assert not [out for cell in code for out in cell.outputs if out.output_type == "error"]
+    if "matplotlib" in "".join(cell.source for cell in code):
+        images = [
+            out for cell in code for out in cell.outputs if "image/png" in out.get("data", {})
+        ]
+        assert images, "a notebook that plots stores its figures"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda path: path.stem)
 def test_notebook_runs(path):
     notebook = nbformat.read(path, as_version=4)
     deadline = time.monotonic() + NOTEBOOK_TIMEOUT_S
