@@ -394,7 +394,7 @@ def _max_and_count(largest: Array, bad: Array, axes: tuple[int, ...]) -> tuple[A
 @_max_and_count.defjvp
 def _max_and_count_jvp(
     axes: tuple[int, ...], primals: tuple[Array, Array], tangents: tuple[Array, Array]
-) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+) -> tuple[tuple[Array, Array], tuple[Array, Any]]:
     largest, bad = primals
     found = _max_and_count(largest, bad, axes)
     at = largest == jnp.expand_dims(found[0], axes)
