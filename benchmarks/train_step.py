@@ -191,21 +191,28 @@ class Placement:
             parts[-1] = "model"
         return P(*parts)
 
-    def _sharding(self, x: Any) -> NamedSharding:
+    def _sharding(self, path: Any, x: Any) -> NamedSharding:
+        """The rule's sharding; the spike guard's own state (its window of norms) is
+        replicated, as every replica reads all of it."""
         assert self.mesh is not None
+        names = {getattr(key, "name", getattr(key, "key", None)) for key in path}
+        if "spike_guard" in names:
+            return NamedSharding(self.mesh, P())
         return NamedSharding(self.mesh, self.spec(np.shape(x)))
 
     def put(self, tree: PyTree) -> PyTree:
         """`tree`'s arrays placed by the rule (unchanged on one device)."""
         if self.mesh is None:
             return tree
-        return jax.device_put(tree, jax.tree.map(self._sharding, tree))
+        return jax.device_put(tree, jax.tree_util.tree_map_with_path(self._sharding, tree))
 
     def pin(self, tree: PyTree) -> PyTree:
         """Inside the step: keep `tree`'s arrays where the rule puts them."""
         if self.mesh is None:
             return tree
-        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self._sharding(x)), tree)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: jax.lax.with_sharding_constraint(x, self._sharding(path, x)), tree
+        )
 
     def put_batch(self, batch: Batch) -> Batch:
         """The batch split along `data` on its first dimension (unchanged on one device)."""
