@@ -619,17 +619,11 @@ def reduce_tree(
     for p, piece in enumerate(plan.pieces):
         classes.setdefault(piece.axes, []).append(p)
 
-    piece_results: dict[int, dict[str, Array]] = {}
-
     def results(p: int, names: Sequence[str]) -> dict[str, Array]:
-        if p not in piece_results:
-            piece = plan.pieces[p]
-            leaf = leaves[piece.leaves[0]]
-            fused = piece.length is not None or _whole_here(leaf, axis_name is not None)
-            piece_results[p] = _piece_results(
-                piece, matrices[p], leaf, names, spec, counting, fused
-            )
-        return piece_results[p]
+        piece = plan.pieces[p]
+        leaf = leaves[piece.leaves[0]]
+        fused = piece.length is not None or _whole_here(leaf, axis_name is not None)
+        return _piece_results(piece, matrices[p], leaf, names, spec, counting, fused)
 
     def grouped(names: Sequence[str]) -> dict[str, list[Array]]:
         """Per-group results of the kinds `names`, combined over each leaf's shard axes."""
@@ -637,8 +631,9 @@ def reduce_tree(
         for axes, members in classes.items():
             idx = np.concatenate([np.asarray(plan.pieces[p].leaves) for p in members])
             found: dict[str, list[Array]] = {}
+            per_piece = [results(p, names) for p in members]
             for name in names:
-                parts = [results(p, names)[name] for p in members]
+                parts = [piece_found[name] for piece_found in per_piece]
                 vector = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
                 op = "max" if name == "max" else "sum"
                 found[name] = [seg.reduce(vector, idx, op) for seg in segs]
