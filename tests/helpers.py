@@ -3,8 +3,15 @@
 `make_tree(kind, dtype, seed)` builds the deterministic trees every test parameterises
 over; `trees(...)` is the one hypothesis strategy for random pytrees; `flat(tree)` is the
 one independent reference (every entry as a float64 numpy vector, converted on the host).
+`cpu_env`, `free_port`, `stop` and `run_processes` start the multi-process runs.
 """
 
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 from typing import Any
 
 import hypothesis.extra.numpy as hnp
@@ -111,3 +118,54 @@ def trees(
 
 MIXED = tuple(DTYPES)
 """The dtypes of the toolkit's random trees."""
+
+
+# -- subprocesses --------------------------------------------------------------------------
+
+
+def cpu_env(**extra: str) -> dict[str, str]:
+    """This environment for a CPU-only JAX subprocess (without this process's XLA_FLAGS)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return env | {"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"} | extra
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (another process may take it before it is used)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Kill `process` if it still runs (only processes a test started, by their handles)."""
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def run_processes(
+    commands: list[list[str]], *, env: dict[str, str], cwd: Path, timeout_s: float
+) -> list[tuple[int | None, str]]:
+    """Run `commands` at once and wait for all of them, `timeout_s` in all; each one's
+    return code (None if it was stopped) and its output (stdout and stderr)."""
+    outputs = [tempfile.TemporaryFile(mode="w+") for _ in commands]
+    processes = [
+        subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        for command, out in zip(commands, outputs, strict=True)
+    ]
+    deadline = time.monotonic() + timeout_s
+    try:
+        for process in processes:
+            try:
+                process.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                break
+    finally:
+        for process in processes:
+            stop(process)
+    results = []
+    for process, output in zip(processes, outputs, strict=True):
+        output.seek(0)
+        results.append((process.returncode, output.read()))
+        output.close()
+    return results

@@ -9,8 +9,6 @@ children are killed on failure.
 
 import importlib.util
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import flat, make_tree
+from helpers import cpu_env, flat, free_port, make_tree, run_processes, stop
 from jax.sharding import PartitionSpec as P
 from jax.sharding import SingleDeviceSharding
 
@@ -42,17 +40,6 @@ def _check_names() -> list[str]:
     return list(module.CHECKS)
 
 
-def _cpu_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return env | {"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"} | extra
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.kill()
-        process.wait(timeout=30)
-
-
 # -- the 8-device run, started with the module -------------------------------------------
 
 
@@ -64,7 +51,7 @@ class _MeshRun:
         self.process = subprocess.Popen(
             [sys.executable, str(MESH_CHECKS)],
             cwd=ROOT,
-            env=_cpu_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+            env=cpu_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
             stdout=self.output,
             stderr=subprocess.STDOUT,
         )
@@ -76,7 +63,7 @@ class _MeshRun:
             try:
                 self.process.wait(timeout=max(1.0, MESH_TIMEOUT_S - self.elapsed()))
             except subprocess.TimeoutExpired:
-                _stop(self.process)
+                stop(self.process)
             self.output.seek(0)
             text = self.output.read()
             self._results = {
@@ -92,7 +79,7 @@ class _MeshRun:
         return time.monotonic() - self.started
 
     def close(self) -> None:
-        _stop(self.process)
+        stop(self.process)
         self.output.close()
 
 
@@ -279,42 +266,10 @@ def test_random_grad_out_shardings_must_match_the_structure():
 # -- 2 processes x 2 CPU devices, jax.distributed over 127.0.0.1 -----------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_two_processes() -> list[tuple[int | None, str]]:
-    port = _free_port()
-    outputs = [tempfile.TemporaryFile(mode="w+") for _ in range(2)]
-    command = [sys.executable, str(MULTIHOST), "--num-processes", "2", "--port", str(port)]
-    processes = [
-        subprocess.Popen(
-            [*command, "--process-id", str(i), "--timeout", "60"],
-            cwd=ROOT,
-            env=_cpu_env(),
-            stdout=outputs[i],
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    deadline = time.monotonic() + MULTIHOST_TIMEOUT_S
-    try:
-        for process in processes:
-            try:
-                process.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                break
-    finally:
-        for process in processes:
-            _stop(process)  # only the processes this test started, by their handles
-    results = []
-    for process, output in zip(processes, outputs, strict=True):
-        output.seek(0)
-        results.append((process.returncode, output.read()))
-        output.close()
-    return results
+    command = [sys.executable, str(MULTIHOST), "--num-processes", "2", "--port", str(free_port())]
+    commands = [[*command, "--process-id", str(i), "--timeout", "60"] for i in range(2)]
+    return run_processes(commands, env=cpu_env(), cwd=ROOT, timeout_s=MULTIHOST_TIMEOUT_S)
 
 
 def test_two_processes_with_two_devices_each():

@@ -1,12 +1,7 @@
 """Names and groups: `path_name`, `by="module"`, `by_depth`, unique keys, the host read."""
 
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import jax
@@ -15,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from flax import linen, nnx
+from helpers import cpu_env, free_port, run_processes
 
 import jaxgrad as jg
 from jaxgrad._naming import host_read, leaf_names, resolve_groups
@@ -318,44 +314,12 @@ TWO_PROCESSES = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_as_dict_across_two_processes(tmp_path):
     script = tmp_path / "two_processes.py"
     script.write_text(TWO_PROCESSES)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env |= {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    port = _free_port()
-    outputs = [tempfile.TemporaryFile(mode="w+") for _ in range(2)]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(i), str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=outputs[i],
-            stderr=subprocess.STDOUT,
-        )
-        for i in range(2)
-    ]
-    deadline = time.monotonic() + 150
-    try:
-        for process in processes:
-            try:
-                process.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                break
-    finally:
-        for process in processes:  # only the processes this test started
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=30)
-    for i, (process, output) in enumerate(zip(processes, outputs, strict=True)):
-        output.seek(0)
-        text = output.read()
-        output.close()
-        assert process.returncode == 0, f"process {i}:\n{text[-4000:]}"
+    port = free_port()
+    commands = [[sys.executable, str(script), str(i), str(port)] for i in range(2)]
+    env = cpu_env(PYTHONPATH=str(ROOT))
+    for i, (code, text) in enumerate(run_processes(commands, env=env, cwd=ROOT, timeout_s=150)):
+        assert code == 0, f"process {i}:\n{text[-4000:]}"
         assert f"process {i}: ok" in text, text
