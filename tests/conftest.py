@@ -32,14 +32,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if left:
         config.hook.pytest_deselected(items=left)
         items[:] = keep
-        config.stash[_LEFT_OUT] = (mode, len(left))
+        config.stash[_LEFT_OUT] = len(left)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     if config.getoption("--slow") != "exclude":
         return
     # Under pytest-xdist the workers deselect, so the count is known only without it.
-    _, count = config.stash.get(_LEFT_OUT, (None, None))
+    count = config.stash.get(_LEFT_OUT, None)
     which = "The" if count is None else f"{count}"
     terminalreporter.write_line(
         f"{which} tests marked slow (each notebook executed, the benchmark smoke runs) were "
@@ -47,7 +47,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     )
 
 
-_LEFT_OUT = pytest.StashKey[tuple[str, int]]()
+_LEFT_OUT = pytest.StashKey[int]()
 
 
 @pytest.fixture(params=[False, True], ids=["eager", "jit"], scope="session")
