@@ -7,6 +7,7 @@ one independent reference (every entry as a float64 numpy vector, converted on t
 """
 
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -169,3 +170,37 @@ def run_processes(
         results.append((process.returncode, output.read()))
         output.close()
     return results
+
+
+def data_dependent_conditionals(text: str) -> list[str]:
+    """`stablehlo.case`/`if` ops whose index is not a compile-time constant.
+
+    `jax.lax.platform_dependent` selects its branch with a case on the platform index, a
+    constant when lowering for one platform (XLA removes it); any other case runs.
+    """
+    lines = text.splitlines()
+    static = set(re.findall(r"(%[\w#]+) = stablehlo\.constant", text))
+    found = []
+    head = re.compile(r'^(\s*)(%[\w#]+)(?::\d+)? = "stablehlo\.(case|if)"\((%[\w#]+)\)')
+    for i, line in enumerate(lines):
+        match = head.match(line)
+        if not match:
+            continue
+        indent, result, kind, index = match.groups()
+        body = []
+        for following in lines[i + 1 :]:
+            if following.startswith(indent + "})"):
+                break
+            body.append(following.strip())
+        trivial = all(
+            b == "}, {" or re.fullmatch(r"stablehlo\.return (%[\w#]+) : .*", b) for b in body
+        ) and all(
+            re.fullmatch(r"stablehlo\.return (%[\w#]+) : .*", b).group(1) in static
+            for b in body
+            if b.startswith("stablehlo.return")
+        )
+        if index in static and trivial:
+            static.add(result)  # the platform index, a constant
+        elif index not in static:
+            found.append(f"{kind} on {index}")
+    return found

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import data_dependent_conditionals
 
 import jaxgrad as jg
 from jaxgrad._numerics import PACK_LIMIT, PACK_ROWS, Segments, layout, reduce_tree, shard_axes
@@ -160,40 +161,6 @@ def test_no_data_dependent_conditional_in_the_cuda_lowering():
     text = jax.export.export(jax.jit(with_cond), platforms=["cuda"])(grad).mlir_module()
     assert data_dependent_conditionals(text), "the check must find a data-dependent case"
     assert " conditional(" not in jax.jit(jg.grad_stats).lower(grad).compile().as_text()
-
-
-def data_dependent_conditionals(text: str) -> list[str]:
-    """`stablehlo.case`/`if` ops whose index is not a compile-time constant.
-
-    `jax.lax.platform_dependent` selects its branch with a case on the platform index, a
-    constant when lowering for one platform (XLA removes it); any other case runs.
-    """
-    lines = text.splitlines()
-    static = set(re.findall(r"(%[\w#]+) = stablehlo\.constant", text))
-    found = []
-    head = re.compile(r'^(\s*)(%[\w#]+)(?::\d+)? = "stablehlo\.(case|if)"\((%[\w#]+)\)')
-    for i, line in enumerate(lines):
-        match = head.match(line)
-        if not match:
-            continue
-        indent, result, kind, index = match.groups()
-        body = []
-        for following in lines[i + 1 :]:
-            if following.startswith(indent + "})"):
-                break
-            body.append(following.strip())
-        trivial = all(
-            b == "}, {" or re.fullmatch(r"stablehlo\.return (%[\w#]+) : .*", b) for b in body
-        ) and all(
-            re.fullmatch(r"stablehlo\.return (%[\w#]+) : .*", b).group(1) in static
-            for b in body
-            if b.startswith("stablehlo.return")
-        )
-        if index in static and trivial:
-            static.add(result)  # the platform index, a constant
-        elif index not in static:
-            found.append(f"{kind} on {index}")
-    return found
 
 
 # -- extremes -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ exported CUDA module without a conditional; and 8 host devices under `shard_map`
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import data_dependent_conditionals
 
 import jaxgrad as jg
 from jaxgrad.optax import spike_guard
@@ -447,8 +449,22 @@ def bits(tree):
     ]
 
 
+@pytest.fixture(params=["cpu-conditional", "select"])
+def skip_form(request, monkeypatch):
+    """The guard's two forms of a skip: a conditional on CPU, a select elsewhere (GPU,
+    TPU), which this CPU-only suite reaches by making `platform_dependent` take its
+    default branch."""
+    if request.param == "select":
+
+        def default_only(*args, default, **_):
+            return default(*args)
+
+        monkeypatch.setattr(jax.lax, "platform_dependent", default_only)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_a_skipped_step_leaves_adamw_and_the_params_bit_identical(maybe_jit, dtype):
+def test_a_skipped_step_leaves_adamw_and_the_params_bit_identical(maybe_jit, dtype, skip_form):
     tx = spike_guard(optax.adamw(1e-2), max_norm=1.0, window=32, warmup=8, loss=True)
     params = {"w": jnp.ones((3, 4), dtype), "b": jnp.zeros(4, dtype)}
     state = tx.init(params)
@@ -476,6 +492,19 @@ def test_a_skipped_step_leaves_adamw_and_the_params_bit_identical(maybe_jit, dty
     adam = state.inner_state[0]
     assert int(adam.count) == 12 and optax.tree_utils.tree_get(state, "count") == 12
     assert guard.as_dict()["skips"] == 3 and guard.as_dict()["steps"] == 15
+
+
+def test_an_inner_that_changes_the_dtype_is_skipped_in_its_dtype(skip_form):
+    to_bf16 = optax.stateless(lambda u, p=None: jax.tree.map(lambda x: x.astype(jnp.bfloat16), u))
+    tx = spike_guard(optax.chain(optax.adamw(1e-2), to_bf16), warmup=2, window=8, patience=2)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for scale in [1.0, 1.1, 0.9, 100.0]:
+        with jax.numpy_dtype_promotion("standard"):  # optax's adamw needs it
+            updates, state = update({"w": jnp.full(3, scale)}, state, params)
+        assert updates["w"].dtype == jnp.bfloat16
+    assert int(state.spike_guard.skips) == 1 and not updates["w"].any()
 
 
 def test_optax_chain_hands_the_loss_to_the_guard():
@@ -551,32 +580,48 @@ def test_flax_batchnorm_state_is_kept_on_a_skipped_step():
 
 
 def test_the_exported_cuda_module_has_no_conditional():
-    """The guard's own path (norm in, decision and kept state out) exported for CUDA.
-
-    The norms come in as an argument: jaxgrad's norm kernels still hold a `lax.cond`
-    (being removed in the numerics core); once they are cond-free, export the whole
-    guarded step (`jaxgrad.optax.spike_guard` around adamw) the same way.
-    """
+    """The whole guarded step (`spike_guard` around adamw, per-leaf norms, the loss
+    watched, `keep_if_skipped` for the rest) exported for CUDA: selects only."""
     params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
-    guard = jg.spike_init(params, by="leaf", loss=True)
-    adam = optax.adamw(1e-3)
-    opt_state = adam.init(params)
+    tx = spike_guard(optax.adamw(1e-3), max_norm=1.0, by="leaf", loss=True)
+    state = tx.init(params)
 
-    def step(guard, norms, loss, grads, params, opt_state):
-        decision, guard = jg.spike_check(guard, norms, loss=loss)
-        updates, new_opt = adam.update(grads, opt_state, params)
+    def step(params, state, grads, loss):
+        updates, new_state = tx.update(grads, state, params, loss=loss)
+        decision = optax.tree_utils.tree_get(new_state, "spike_guard").last
         new_params = optax.apply_updates(params, updates)
-        kept = jg.keep_if_skipped(decision, (new_params, new_opt), (params, opt_state))
-        return guard, kept
+        return jg.keep_if_skipped(decision, new_params, params), new_state
 
-    norms = jnp.ones(3)
+    args = (params, state, params, jnp.asarray(1.0))
     with jax.numpy_dtype_promotion("standard"):
-        exported = jax.export.export(jax.jit(step), platforms=["cuda"])(
-            guard, norms, jnp.asarray(1.0), params, params, opt_state
+        cuda = jax.export.export(jax.jit(step), platforms=["cuda"])(*args).mlir_module()
+        cpu = jax.export.export(jax.jit(step), platforms=["cpu"])(*args).mlir_module()
+    assert data_dependent_conditionals(cuda) == []
+    assert "stablehlo.select" in cuda
+    assert data_dependent_conditionals(cpu) != []  # CPU: the cheaper conditional
+
+
+def test_a_donated_guarded_step_on_cpu_does_not_copy_the_optimizer_state():
+    """With the state donated, a select that keeps the old moments makes XLA's CPU
+    backend copy each of them before the step (1.3x the optax-clip train step); the
+    conditional does not. Read from the compiled HLO: no copy of a moment."""
+    params = {f"w{i}": jnp.ones((64, 32)) for i in range(4)}
+    tx = spike_guard(optax.adamw(1e-3), max_norm=1.0, by="leaf")
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    with jax.numpy_dtype_promotion("standard"):
+        compiled = (
+            jax.jit(step, donate_argnums=(0, 1))
+            .lower(params, tx.init(params), params)
+            .compile()
+            .as_text()
         )
-    text = exported.mlir_module()
-    assert "stablehlo.case" not in text and "stablehlo.if" not in text
-    assert "stablehlo.select" in text
+    entry = compiled[compiled.index("\nENTRY") :]
+    copies = re.findall(r"= (\S+) copy\(", entry)
+    assert not [c for c in copies if c.startswith("f32[64,32]")], copies
 
 
 # -- 8 host devices under shard_map --------------------------------------------------------------
@@ -622,7 +667,18 @@ MESH_SCRIPT = textwrap.dedent(
         d, single = jg.spike_check(single, jnp.asarray(np.linalg.norm(g), jnp.float32),
                                    loss=jnp.asarray(loss, jnp.float32))
         expected.append(bool(d.skipped))
-    print("RESULT " + json.dumps({"skipped": skipped.tolist(), "expected": expected}))
+
+    # check_vma=True, adamw: replicated parameters, gradients that vary along "d" (the
+    # kept branch of a skip must vary like the taken one)
+    tx2 = spike_guard(optax.adamw(0.1), axis_name="d", window=16, warmup=2)
+    def one(g):
+        params = {"w": jnp.zeros(g.shape[1:], jnp.float32)}
+        updates, _ = tx2.update({"w": g[0]}, tx2.init(params), params)
+        return updates["w"][None]
+    vma = jax.jit(jax.shard_map(one, mesh=mesh, in_specs=spec, out_specs=P("d"), check_vma=True))
+    updates = np.asarray(vma(put(grads)))
+    print("RESULT " + json.dumps({"skipped": skipped.tolist(), "expected": expected,
+                                  "vma_updates": updates.tolist()}))
     """
 )
 
@@ -647,3 +703,5 @@ def test_every_replica_takes_the_same_decision_under_shard_map():
     assert (skipped == skipped[0]).all()  # every replica decided the same
     np.testing.assert_array_equal(skipped[0], result["expected"])
     assert np.flatnonzero(skipped[0]).tolist() == [50, 51, 65, 70]
+    updates = np.array(result["vma_updates"])
+    assert updates.shape == (8, 8) and np.isfinite(updates).all() and (updates != 0).all()
