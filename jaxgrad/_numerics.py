@@ -360,18 +360,51 @@ def _piece_results(
         # of at most PACK_LIMIT entries is exact in float) in one reduction of one
         # stacked operand, which XLA partitions into one partial sum and one all-reduce.
         stacked = jnp.stack([make[n]().astype(m.dtype) for n in sums])
-        totals = jnp.sum(stacked, axis=tuple(range(1, stacked.ndim)))
-        for k, name in enumerate(sums):
-            found[name] = totals[k].astype(counting if name == "count" else m.dtype).reshape(-1)
+        found[STACKED] = jnp.sum(stacked, axis=tuple(range(1, stacked.ndim)))
     for name in names:
-        if name in found:
+        if name in found or (STACKED in found and name in sums):
             continue
         x = make[name]()
         if name == "max":
-            found[name] = jnp.max(x, axis=axes_of(x), initial=0).reshape(-1)
+            # `initial` only where needed: it is a separate `maximum` after the reduction,
+            # one more kernel per piece (the entries' `abs` is never below 0)
+            initial = 0 if x.size == 0 else None
+            found[name] = jnp.max(x, axis=axes_of(x), initial=initial).reshape(-1)
         else:
             found[name] = jnp.sum(x, axis=axes_of(x), dtype=x.dtype).reshape(-1)
     return found
+
+
+STACKED = "stacked"
+"""The key of `_piece_results` under which a small leaf of unknown placement leaves its
+sums (the kinds among plain, small, large and count that were asked for, in that order)
+as one vector; `reduce_tree` splits the vectors of all such leaves at once."""
+
+
+def _split_stacked(
+    found: list[dict[str, Array]], names: Sequence[str], dtype: Any, counting: Any
+) -> list[dict[str, Array]]:
+    """`found` with each `STACKED` vector split into its kinds, all at once.
+
+    The vectors are stacked into one matrix and cut into columns, so that a class of n
+    such leaves costs one kernel per kind, not one slice per leaf and kind. The split
+    leaves' results come last, as one entry whose vectors hold one row per leaf.
+    """
+    kinds = [n for n in names if n in ("plain", "small", "large", "count")]
+    rest = [f for f in found if STACKED not in f]
+    split = [f for f in found if STACKED in f]
+    if not split:
+        return found
+    rows = jnp.stack([f[STACKED] for f in split])  # (leaves, kinds)
+    joined = {
+        name: rows[:, k].astype(counting if name == "count" else dtype)
+        for k, name in enumerate(kinds)
+    }
+    for name in names:
+        if name not in joined:
+            parts = [f[name] for f in split]
+            joined[name] = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+    return [*rest, joined]
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -629,9 +662,14 @@ def reduce_tree(
         """Per-group results of the kinds `names`, combined over each leaf's shard axes."""
         totals: dict[str, list[Array]] = {}
         for axes, members in classes.items():
+            raw = [results(p, names) for p in members]
+            # the pieces whose sums are split at once come last (see `_split_stacked`)
+            members = [p for p, f in zip(members, raw, strict=True) if STACKED not in f] + [
+                p for p, f in zip(members, raw, strict=True) if STACKED in f
+            ]
             idx = np.concatenate([np.asarray(plan.pieces[p].leaves) for p in members])
             found: dict[str, list[Array]] = {}
-            per_piece = [results(p, names) for p in members]
+            per_piece = _split_stacked(raw, names, acc, counting)
             for name in names:
                 parts = [piece_found[name] for piece_found in per_piece]
                 vector = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
