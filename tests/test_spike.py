@@ -507,6 +507,18 @@ def test_an_inner_that_changes_the_dtype_is_skipped_in_its_dtype(skip_form):
     assert int(state.spike_guard.skips) == 1 and not updates["w"].any()
 
 
+def test_vmapped_guards_decide_each_for_itself(maybe_jit, skip_form):
+    tx = spike_guard(optax.sgd(0.1), warmup=2, window=8, patience=2)
+    params = {"w": jnp.ones(3)}
+    state = jax.tree.map(lambda x: jnp.stack([x, x]), tx.init(params))
+    update = maybe_jit(jax.vmap(lambda g, s: tx.update(g, s, params)))
+    for scale in [(1.0, 1.0), (1.1, 1.1), (0.9, 0.9), (1.0, 100.0)]:
+        grads = {"w": jnp.stack([jnp.full(3, x) for x in scale])}
+        updates, state = update(grads, state)
+    np.testing.assert_array_equal(updates["w"], np.float32([[-0.1] * 3, [0.0] * 3]))
+    assert state.spike_guard.skips.tolist() == [0, 1]
+
+
 def test_optax_chain_hands_the_loss_to_the_guard():
     tx = optax.chain(optax.identity(), spike_guard(optax.sgd(0.1), loss=True, warmup=2))
     params = {"w": jnp.zeros(2)}
