@@ -395,19 +395,22 @@ def _unless(
         )
 
     def kept(like: Any = None) -> tuple[PyTree, PyTree]:
-        out = (jax.tree.map(jnp.zeros_like, updates), state)
         if like is None and not jax.sharding.get_abstract_mesh().manual_axes:
-            return out
-        # the branches' types must agree: dtypes, and inside `shard_map` the mesh axes
-        # along which each leaf varies
+            return jax.tree.map(jnp.zeros_like, updates), state
+        # The branches' types must agree: structure and dtypes, and inside `shard_map`
+        # the mesh axes along which each leaf varies.
         like = jax.eval_shape(step) if like is None else like
-        return jax.tree.map(lambda x, s: _vary_like(jnp.asarray(x, s.dtype), s), out, like)
+        zeros = jax.tree.map(lambda s: _vary_like(jnp.zeros(s.shape, s.dtype), s), like[0])
+        cast = lambda x, s: _vary_like(jnp.asarray(x, s.dtype), s)  # noqa: E731
+        return zeros, jax.tree.map(cast, state, like[1])
 
     def branch() -> tuple[PyTree, PyTree]:
         take = jnp.logical_not(skip)
         try:
             return jax.lax.cond(take, step, kept)
-        except TypeError:  # `inner` changed a dtype: make the kept branch's the same
+        except (TypeError, ValueError):
+            # `inner`'s updates are not like its input (a dtype, or a structure such as
+            # `optax.lookahead`'s): the kept branch takes the update's types
             like = jax.eval_shape(step)
             return jax.lax.cond(take, step, lambda: kept(like))
 

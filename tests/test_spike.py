@@ -507,6 +507,22 @@ def test_an_inner_that_changes_the_dtype_is_skipped_in_its_dtype(skip_form):
     assert int(state.spike_guard.skips) == 1 and not updates["w"].any()
 
 
+def test_an_inner_whose_updates_change_structure_is_skipped(skip_form):
+    """`optax.lookahead` takes the fast parameters' updates and returns `LookaheadParams`."""
+    tx = spike_guard(optax.lookahead(optax.sgd(0.1), 2, 0.5), warmup=2, window=8, patience=2)
+    params = optax.LookaheadParams.init_synced({"w": jnp.ones(3)})
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for scale in [1.0, 1.1, 0.9, 100.0]:
+        before = bits(state.inner_state)
+        with jax.numpy_dtype_promotion("standard"):  # optax's lookahead needs it
+            updates, state = update({"w": jnp.full(3, scale)}, state, params)
+        assert isinstance(updates, optax.LookaheadParams)
+    assert int(state.spike_guard.skips) == 1
+    assert not updates.fast["w"].any() and not updates.slow["w"].any()
+    assert bits(state.inner_state) == before
+
+
 def test_vmapped_guards_decide_each_for_itself(maybe_jit, skip_form):
     tx = spike_guard(optax.sgd(0.1), warmup=2, window=8, patience=2)
     params = {"w": jnp.ones(3)}
