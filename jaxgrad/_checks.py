@@ -494,6 +494,12 @@ def varying_axes(x: Any) -> frozenset[str]:
     return frozenset(jax.typeof(x).manual_axis_type.varying)
 
 
+def vary_along(x: Any, axes: frozenset[str]) -> Any:
+    """`x`, made to vary along `axes` inside `shard_map` where it does not already."""
+    missing = axes - varying_axes(x)
+    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
+
+
 def _axis_names(axis_name: str | tuple[str, ...]) -> frozenset[str]:
     return frozenset((axis_name,) if isinstance(axis_name, str) else axis_name)
 

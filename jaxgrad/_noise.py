@@ -35,6 +35,7 @@ from ._checks import (
     examples_per_micro_batch,
     micro_batch_count,
     nnx_params,
+    vary_along,
     varying_axes,
 )
 from ._collectives import pmean_wide
@@ -379,14 +380,13 @@ def _varying_like_grads(
     if axis_name is not None:
         check_varies("grad_fn(params, batch)", shapes, axis_name)
 
-    def cast(x: Array, vma: frozenset[str]) -> Array:
-        missing = vma - varying_axes(x)  # a carry made by zeros_like may vary already
-        return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
-
+    # (a carry made by zeros_like may vary already: `vary_along` adds only what is missing)
     leaves, treedef = jax.tree.flatten(init.total)
-    total = jax.tree.unflatten(treedef, [cast(x, v) for x, v in zip(leaves, axes, strict=True)])
+    total = jax.tree.unflatten(
+        treedef, [vary_along(x, v) for x, v in zip(leaves, axes, strict=True)]
+    )
     state = dataclasses.replace(init, total=total)
-    return state, cast(sq, frozenset().union(*axes))
+    return state, vary_along(sq, frozenset().union(*axes))
 
 
 def grad_pmean_noise(

@@ -319,6 +319,15 @@ def _producers(
     }
 
 
+_SUM_KINDS = ("plain", "small", "large", "count")
+"""The kinds of reduction that are sums (a count of a small leaf is summed in float)."""
+
+STACKED = "stacked"
+"""The key of `_piece_results` under which a small leaf of unknown placement leaves its
+sums (the kinds among plain, small, large and count that were asked for, in that order)
+as one vector; `reduce_tree` splits the vectors of all such leaves at once."""
+
+
 def _piece_results(
     piece: Piece,
     m: Array,
@@ -353,7 +362,7 @@ def _piece_results(
             # writes the count's predicate out first.
             count = count + (largest < 0).astype(count.dtype)
         found.update(max=largest.reshape(-1), count=count.reshape(-1))
-    sums = [n for n in names if n in ("plain", "small", "large", "count") and n not in found]
+    sums = [n for n in names if n in _SUM_KINDS and n not in found]
     alone = piece.length is None and m.shape == leaf.shape and leaf.size <= PACK_LIMIT
     if not fused and alone and len(sums) > 1:
         # A small leaf whose placement is not known (GSPMD, Auto axes): its sums (a count
@@ -375,12 +384,6 @@ def _piece_results(
     return found
 
 
-STACKED = "stacked"
-"""The key of `_piece_results` under which a small leaf of unknown placement leaves its
-sums (the kinds among plain, small, large and count that were asked for, in that order)
-as one vector; `reduce_tree` splits the vectors of all such leaves at once."""
-
-
 def _split_stacked(
     found: list[dict[str, Array]], names: Sequence[str], dtype: Any, counting: Any
 ) -> list[dict[str, Array]]:
@@ -390,7 +393,7 @@ def _split_stacked(
     such leaves costs one kernel per kind, not one slice per leaf and kind. The split
     leaves' results come last, as one entry whose vectors hold one row per leaf.
     """
-    kinds = [n for n in names if n in ("plain", "small", "large", "count")]
+    kinds = [n for n in names if n in _SUM_KINDS]
     rest = [f for f in found if STACKED not in f]
     split = [f for f in found if STACKED in f]
     if not split:

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, cast
 import jax
 import jax.numpy as jnp
 
-from ._checks import check_bound, check_decay, nnx_params, varying_axes
+from ._checks import check_bound, check_decay, nnx_params, vary_along, varying_axes
 from ._clip import ClipStats, grad_clip
 from ._naming import By, resolve_groups
 from ._noise import NoiseScale, NoiseScaleState, noise_scale_init, noise_scale_update
@@ -366,25 +366,21 @@ def track_update_stats(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _vary_like(x: jax.Array, like: Any) -> jax.Array:
-    """`x`, varying along the mesh axes `like` varies along (inside `shard_map`)."""
-    missing = varying_axes(like) - varying_axes(x)
-    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
-
-
 def _unless(
     skip: jax.Array, step: Callable[[], tuple[PyTree, PyTree]], updates: PyTree, state: PyTree
 ) -> tuple[PyTree, PyTree]:
-    """`step()`'s updates and state, or zeros like `updates` and `state` where `skip`.
+    """`step()`'s updates and state, or zero updates and `state` where `skip`.
 
-    `step` is an optax update (its updates have the structure of `updates`); a skip keeps
-    `state` bit for bit. On every platform but CPU both are computed and selected: XLA's
-    GPU runtime runs a conditional by copying its predicate to the host and waiting for
-    the stream, in the middle of the step. On CPU a conditional costs nothing of the
-    kind and is the cheaper form: with the state donated, a select makes XLA's CPU
-    backend copy every moment of the old state first (both the select and the parameter
-    update read it), 1.3x the optax-clip train step against 1.0x. The update is the
-    conditional's true branch: the other way round, XLA copies the new state out of it.
+    `step` is an optax update of `updates`; a skip keeps `state` bit for bit, and its zero
+    updates take the structure, dtypes and varying axes of `step()`'s where these are not
+    those of `updates` (`optax.lookahead` returns `LookaheadParams`). On every platform
+    but CPU both are computed and selected: XLA's GPU runtime runs a conditional by
+    copying its predicate to the host and waiting for the stream, in the middle of the
+    step. On CPU a conditional costs nothing of the kind and is the cheaper form: with
+    the state donated, a select makes XLA's CPU backend copy every moment of the old
+    state first (both the select and the parameter update read it), 1.3x the optax-clip
+    train step against 1.0x. The update is the conditional's true branch: the other way
+    round, XLA copies the new state out of it.
     """
 
     def select() -> tuple[PyTree, PyTree]:
@@ -400,9 +396,9 @@ def _unless(
         # The branches' types must agree: structure and dtypes, and inside `shard_map`
         # the mesh axes along which each leaf varies.
         like = jax.eval_shape(step) if like is None else like
-        zeros = jax.tree.map(lambda s: _vary_like(jnp.zeros(s.shape, s.dtype), s), like[0])
-        cast = lambda x, s: _vary_like(jnp.asarray(x, s.dtype), s)  # noqa: E731
-        return zeros, jax.tree.map(cast, state, like[1])
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), like[0])
+        out = (zeros, jax.tree.map(lambda x, s: jnp.asarray(x, s.dtype), state, like[1]))
+        return jax.tree.map(lambda x, s: vary_along(x, varying_axes(s)), out, like)
 
     def branch() -> tuple[PyTree, PyTree]:
         take = jnp.logical_not(skip)
