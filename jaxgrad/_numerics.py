@@ -201,6 +201,23 @@ def _whole_here(leaf: Array, local: bool) -> bool:
     return sharding is None or len(sharding.device_set) == 1 or sharding.is_fully_replicated
 
 
+def _placed_later(leaf: Array, local: bool) -> bool:
+    """A traced leaf under GSPMD `jax.jit` whose placement only the partitioner decides.
+
+    Its type names no mesh, or only Auto axes (no Explicit or Manual ones), so nothing at
+    trace time says how it is split. Such leaves are reduced by `partitioned_results`,
+    which sees their shardings when XLA partitions the step (with Shardy, JAX's default
+    partitioner; without it they are reduced one by one where they are).
+    """
+    if local or _one_device() or not isinstance(leaf, Tracer):
+        return False
+    if not jax.config.jax_use_shardy_partitioner:  # type: ignore[attr-defined]
+        return False
+    mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+    types = tuple(getattr(mesh, "axis_types", None) or ())
+    return all(t == jax.sharding.AxisType.Auto for t in types)
+
+
 class Piece(NamedTuple):
     """One unit of reduction: a packed matrix (`length` set) or a leaf alone (`None`)."""
 
@@ -218,16 +235,24 @@ class Layout(NamedTuple):
 
 
 def layout(
-    leaves: Sequence[Array], axes: Sequence[tuple[str, ...]], pack: bool = True, local: bool = False
+    leaves: Sequence[Array],
+    axes: Sequence[tuple[str, ...]],
+    pack: bool = True,
+    local: bool = False,
+    skip: Sequence[int] = (),
 ) -> Layout:
     """Pack small leaves by (padded length, shard axes); the others stay alone.
 
     Leaves that are summed over different mesh axes never share a matrix, so that each
-    piece's results are summed over the axes of its own leaves only.
+    piece's results are summed over the axes of its own leaves only. The leaves `skip`
+    are in no piece (the caller reduces them otherwise).
     """
     buckets: dict[tuple[int, tuple[str, ...]], list[int]] = {}
     alone: list[Piece] = []
+    skipped = set(skip)
     for i, leaf in enumerate(leaves):
+        if i in skipped:
+            continue
         if pack and leaf.size and _packable(leaf, local):
             length = 1 << max(leaf.size - 1, 0).bit_length()
             buckets.setdefault((length, axes[i]), []).append(i)
@@ -316,16 +341,12 @@ def _producers(
         "large": lambda: _square(jnp.minimum(jnp.abs(m * up), cap)),
         "count": lambda: (~jnp.isfinite(entries)).astype(counting),
         "max": lambda: jnp.abs(entries).astype(m.dtype),
+        "abs": lambda: jnp.abs(entries).astype(m.dtype),
     }
 
 
-_SUM_KINDS = ("plain", "small", "large", "count")
-"""The kinds of reduction that are sums (a count of a small leaf is summed in float)."""
-
-STACKED = "stacked"
-"""The key of `_piece_results` under which a small leaf of unknown placement leaves its
-sums (the kinds among plain, small, large and count that were asked for, in that order)
-as one vector; `reduce_tree` splits the vectors of all such leaves at once."""
+_SUM_KINDS = ("plain", "small", "large", "count", "abs")
+"""The kinds of reduction that are sums (the others: "max")."""
 
 
 def _piece_results(
@@ -362,16 +383,8 @@ def _piece_results(
             # writes the count's predicate out first.
             count = count + (largest < 0).astype(count.dtype)
         found.update(max=largest.reshape(-1), count=count.reshape(-1))
-    sums = [n for n in names if n in _SUM_KINDS and n not in found]
-    alone = piece.length is None and m.shape == leaf.shape and leaf.size <= PACK_LIMIT
-    if not fused and alone and len(sums) > 1:
-        # A small leaf whose placement is not known (GSPMD, Auto axes): its sums (a count
-        # of at most PACK_LIMIT entries is exact in float) in one reduction of one
-        # stacked operand, which XLA partitions into one partial sum and one all-reduce.
-        stacked = jnp.stack([make[n]().astype(m.dtype) for n in sums])
-        found[STACKED] = jnp.sum(stacked, axis=tuple(range(1, stacked.ndim)))
     for name in names:
-        if name in found or (STACKED in found and name in sums):
+        if name in found:
             continue
         x = make[name]()
         if name == "max":
@@ -382,32 +395,6 @@ def _piece_results(
         else:
             found[name] = jnp.sum(x, axis=axes_of(x), dtype=x.dtype).reshape(-1)
     return found
-
-
-def _split_stacked(
-    found: list[dict[str, Array]], names: Sequence[str], dtype: Any, counting: Any
-) -> list[dict[str, Array]]:
-    """`found` with each `STACKED` vector split into its kinds, all at once.
-
-    The vectors are stacked into one matrix and cut into columns, so that a class of n
-    such leaves costs one kernel per kind, not one slice per leaf and kind. The split
-    leaves' results come last, as one entry whose vectors hold one row per leaf.
-    """
-    kinds = [n for n in names if n in _SUM_KINDS]
-    rest = [f for f in found if STACKED not in f]
-    split = [f for f in found if STACKED in f]
-    if not split:
-        return found
-    rows = jnp.stack([f[STACKED] for f in split])  # (leaves, kinds)
-    joined = {
-        name: rows[:, k].astype(counting if name == "count" else dtype)
-        for k, name in enumerate(kinds)
-    }
-    for name in names:
-        if name not in joined:
-            parts = [f[name] for f in split]
-            joined[name] = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-    return [*rest, joined]
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -594,8 +581,10 @@ class Reduced(NamedTuple):
             finite input; NaN or inf where an entry is.
         entries: the static number of entries of each group, over all shards.
         finite: whether every entry of the whole gradient is finite (0-d bool).
-        max_abs: the largest absolute entry of each group (NaN where an entry is NaN).
+        max_abs: the largest absolute entry of each group (NaN where an entry is NaN
+            and the norms were computed; else as XLA's maximum gives it).
         nonfinite: the number of NaN and inf entries of each group.
+        abs_sums: the sum of the absolute entries of each group (the L1 norm).
     """
 
     roots: list[Root]
@@ -603,6 +592,7 @@ class Reduced(NamedTuple):
     finite: Array | None
     max_abs: list[Array] | None
     nonfinite: list[Array] | None
+    abs_sums: list[Array] | None = None
 
     def norms(self) -> list[Array]:
         """The group norms (inf beyond the dtype's range)."""
@@ -626,8 +616,9 @@ def reduce_tree(
     norms: bool = True,
     max_abs: bool = False,
     nonfinite: bool = False,
+    abs_sums: bool = False,
 ) -> Reduced:
-    """Norms, max-abs and non-finite counts of groups of leaves, in one read of the leaves.
+    """Norms, max-abs, non-finite counts and L1 norms of groups of leaves, in one read.
 
     The whole gradient is always the first segmentation; `segments` are the others (see
     `Segments`). With `axis_name`, each leaf's partial results are summed (or maxed) over
@@ -648,17 +639,21 @@ def reduce_tree(
     global_sizes = [x.size * shards[a] for x, a in zip(leaves, leaf_axes, strict=True)]
     entries = [seg.sizes(global_sizes) for seg in segs]
     counting = count_dtype(int(sum(global_sizes)))
-    plan = layout(leaves, leaf_axes, pack, local=axis_name is not None)
+    local = axis_name is not None
+    later = [i for i, x in enumerate(leaves) if _placed_later(x, local)]
+    plan = layout(leaves, leaf_axes, pack, local=local, skip=later)
     values = [_values(x, acc) for x in leaves]
     matrices = [_piece_values(piece, values) for piece in plan.pieces]
     classes: dict[tuple[str, ...], list[int]] = {}
     for p, piece in enumerate(plan.pieces):
         classes.setdefault(piece.axes, []).append(p)
+    if later:  # reduced by the partitioner's call, summed over no axis_name
+        classes.setdefault((), [])
 
     def results(p: int, names: Sequence[str]) -> dict[str, Array]:
         piece = plan.pieces[p]
         leaf = leaves[piece.leaves[0]]
-        fused = piece.length is not None or _whole_here(leaf, axis_name is not None)
+        fused = piece.length is not None or _whole_here(leaf, local)
         return _piece_results(piece, matrices[p], leaf, names, spec, counting, fused)
 
     def grouped(names: Sequence[str]) -> dict[str, list[Array]]:
@@ -666,18 +661,18 @@ def reduce_tree(
         totals: dict[str, list[Array]] = {}
         for axes, members in classes.items():
             raw = [results(p, names) for p in members]
-            # the pieces whose sums are split at once come last (see `_split_stacked`)
-            members = [p for p, f in zip(members, raw, strict=True) if STACKED not in f] + [
-                p for p, f in zip(members, raw, strict=True) if STACKED in f
-            ]
-            idx = np.concatenate([np.asarray(plan.pieces[p].leaves) for p in members])
+            idx = [np.asarray(plan.pieces[p].leaves) for p in members]
+            if not axes and later:
+                sub = [leaves[i] for i in later]
+                raw.append(partitioned_results(sub, names, spec, counting, acc, pack))
+                idx.append(np.asarray(later))
+            order = np.concatenate(idx)
             found: dict[str, list[Array]] = {}
-            per_piece = _split_stacked(raw, names, acc, counting)
             for name in names:
-                parts = [piece_found[name] for piece_found in per_piece]
+                parts = [piece_found[name] for piece_found in raw]
                 vector = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
                 op = "max" if name == "max" else "sum"
-                found[name] = [seg.reduce(vector, idx, op) for seg in segs]
+                found[name] = [seg.reduce(vector, order, op) for seg in segs]
             summed = {k: v for k, v in found.items() if k != "max"}
             if axes and summed:
                 found.update(_psum_packed(summed, axes))
@@ -700,6 +695,7 @@ def reduce_tree(
         (["plain", "small", "large"] if norms else [])
         + (["count"] if nonfinite else [])
         + (["max"] if max_abs else [])
+        + (["abs"] if abs_sums else [])
     )
 
     roots: list[Root] = []
@@ -725,6 +721,7 @@ def reduce_tree(
         finite=finite,
         max_abs=maxima,
         nonfinite=totals["count"] if nonfinite else None,
+        abs_sums=totals["abs"] if abs_sums else None,
     )
 
 
@@ -741,35 +738,116 @@ def _psum_packed(values: dict[str, list[Array]], axes: tuple[str, ...]) -> dict[
     return jax.tree.unflatten(treedef, out)
 
 
-def per_leaf(
-    leaves: Sequence[Any],
-    transform: Callable[[Array], Array],
-    reduce: Callable[..., Array],
-    *,
-    axis_name: AxisName = None,
-    pack: bool = True,
-) -> list[tuple[tuple[str, ...], Array]]:
-    """`reduce(transform(leaf))` of every leaf, on packed leaves, per set of shard axes.
+# Under GSPMD: one call that the partitioner places ---------------------------------------
 
-    For reductions other than the norms (`grad_norm(ord=1)`, `ord=inf`): returns, for each
-    set of shard axes, the vector of the results of its leaves (any order), so that the
-    caller combines them over those axes. `transform` must map 0 to 0 and `reduce` have
-    0 as its identity.
+
+def partitioned_results(
+    leaves: Sequence[Array],
+    names: Sequence[str],
+    spec: _Scales,
+    counting: Any,
+    acc: Any,
+    pack: bool = True,
+) -> dict[str, Array]:
+    """Per-leaf results `names` of leaves whose placement the GSPMD partitioner decides.
+
+    One call of `jax.experimental.custom_partitioning` for all of them: when XLA
+    partitions the step it gives each leaf's sharding to `_partition`, which reduces
+    every device's shards where they are (the small ones packed, as on one device) and
+    sums each leaf's results over the mesh axes that split it, one all-reduce per dtype
+    and set of axes and one for the maxima, whatever the number of leaves. (Left to the
+    partitioner, each leaf's reduction gets its own all-reduce, which XLA merges into
+    one collective of one operand per leaf and kind: on its CPU backend a rendezvous of
+    every device per operand.) A leaf replicated along an axis is counted once; moving
+    no data, the call keeps every leaf's sharding. Differentiated or vmapped, it is the
+    per-leaf reductions it stands for, traced as they are.
+
+    Returns:
+        For each name, the vector of the leaves' results in `leaves`' order, the same on
+        every device.
     """
-    leaves = [jnp.asarray(x) for x in leaves]
-    acc = accumulation_dtype(x.dtype for x in leaves)
-    leaf_axes = shard_axes(leaves, axis_name)
-    plan = layout(leaves, leaf_axes, pack, local=axis_name is not None)
-    values = [_values(x, acc) for x in leaves]
-    out: dict[tuple[str, ...], list[Array]] = {}
-    for piece in plan.pieces:
-        x = leaves[piece.leaves[0]]
-        if piece.length is None and jnp.iscomplexobj(x):
-            m = jnp.abs(x).astype(acc)  # |x|, not its parts (|x| >= 0: abs keeps it)
-        else:
-            m = _piece_values(piece, values)
-        out.setdefault(piece.axes, []).append(_reduce_piece(piece, m, transform, reduce))
-    return [(axes, jnp.concatenate(parts)) for axes, parts in out.items()]
+    from jax.experimental.custom_partitioning import SdyShardingRule, custom_partitioning
+
+    names = tuple(names)
+    whole = Piece(None, (0,), ())
+
+    def reference(*xs: Array) -> tuple[Array, ...]:
+        found = [
+            _piece_results(whole, _values(x, acc), x, names, spec, counting, fused=False)
+            for x in xs
+        ]
+        return tuple(jnp.concatenate([f[n] for f in found]) for n in names)
+
+    def on_shards(axes: list[tuple[str, ...]], *xs: Array) -> tuple[Array, ...]:
+        plan = layout(xs, axes, pack, local=True)
+        values = [_values(x, acc) for x in xs]
+        by_axes: dict[tuple[str, ...], list[Piece]] = {}
+        for piece in plan.pieces:
+            by_axes.setdefault(piece.axes, []).append(piece)
+        vectors: dict[str, list[Array]] = {n: [] for n in names}
+        for piece_axes, pieces in by_axes.items():
+            found = [
+                _piece_results(
+                    p, _piece_values(p, values), xs[p.leaves[0]], names, spec, counting, True
+                )
+                for p in pieces
+            ]
+            joined = {n: jnp.concatenate([f[n] for f in found]) for n in names}
+            if piece_axes:
+                summed = {n: [v] for n, v in joined.items() if n != "max"}
+                if summed:
+                    joined.update({n: v[0] for n, v in _psum_packed(summed, piece_axes).items()})
+                if "max" in joined:
+                    joined["max"] = jax.lax.pmax(joined["max"], piece_axes)
+            for n in names:
+                vectors[n].append(joined[n])
+        order = [i for pieces in by_axes.values() for p in pieces for i in p.leaves]
+        back = np.argsort(np.asarray(order, np.int64))  # pieces' order -> leaves' order
+        return tuple(jnp.concatenate(vectors[n])[back] for n in names)
+
+    def partition(mesh: Any, arg_shapes: Any, result_shape: Any) -> Any:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        shardings, axes = [], []
+        for arg in arg_shapes:
+            sharding = arg.sharding
+            spec_ = getattr(sharding, "spec", None)
+            if spec_ is None and not sharding.is_fully_replicated:
+                sharding = replicated  # not readable: gathered (never seen with Shardy)
+            shardings.append(sharding)
+            used = {
+                n
+                for e in (getattr(sharding, "spec", None) or ())
+                if e is not None
+                for n in np.atleast_1d(e)
+            }
+            axes.append(tuple(n for n in mesh.axis_names if n in used))
+        results_ = tuple(replicated for _ in names)
+        return mesh, functools.partial(on_shards, axes), results_, tuple(shardings)
+
+    op = custom_partitioning(reference)
+    op.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=lambda mesh, *_: tuple(
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) for _ in names
+        ),
+        sharding_rule=SdyShardingRule(
+            operand_mappings=tuple(
+                tuple(f"x{k}d{d}" for d in range(x.ndim)) for k, x in enumerate(leaves)
+            ),
+            result_mappings=tuple((f"r{j}",) for j in range(len(names))),
+        ),
+    )
+
+    batched = jax.custom_batching.custom_vmap(lambda *xs: op(*xs))
+
+    @batched.def_vmap
+    def _(size: int, in_batched: list[bool], *xs: Array) -> tuple[tuple[Array, ...], Any]:
+        axes_in = [0 if b else None for b in in_batched]
+        return jax.vmap(reference, in_axes=axes_in)(*xs), tuple(True for _ in names)
+
+    call = jax.custom_jvp(lambda *xs: batched(*xs))
+    call.defjvp(lambda primals, tangents: jax.jvp(reference, primals, tangents))
+    return dict(zip(names, call(*leaves), strict=True))
 
 
 def global_norm(leaves: Sequence[Any], *, axis_name: AxisName = None, pack: bool = True) -> Root:

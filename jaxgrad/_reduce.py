@@ -23,10 +23,8 @@ from ._checks import (
 )
 from ._numerics import (
     AxisName,
-    accumulation_dtype,
     apply_factors,
     global_norm,
-    per_leaf,
     psum,
     reduce_tree,
     scale_factors,
@@ -162,28 +160,15 @@ def _norm(
 ) -> Array:
     check_array_leaves("grad", grad)
     leaves = tree_leaves(grad)
-    acc = accumulation_dtype(x.dtype for x in leaves)
     if ord == "2":
         norm = global_norm(leaves, axis_name=axis_name, pack=pack).norm
     elif ord == "1":
-        norm = jnp.zeros((), acc)
-        for axes, values in per_leaf(leaves, _abs, jnp.sum, axis_name=axis_name, pack=pack):
-            norm = norm + psum(jnp.sum(values), axes or None)
+        found = reduce_tree(leaves, axis_name=axis_name, pack=pack, norms=False, abs_sums=True)
+        norm = found.abs_sums[0][0]  # type: ignore[index]
     else:
-        norm = jnp.zeros((), acc)
-        for _, values in per_leaf(leaves, _abs, _max, axis_name=axis_name, pack=pack):
-            norm = jnp.maximum(norm, jnp.max(values, initial=0))
-        if axis_name is not None:
-            norm = jax.lax.pmax(norm, axis_name)
+        found = reduce_tree(leaves, axis_name=axis_name, pack=pack, norms=False, max_abs=True)
+        norm = found.max_abs[0][0]  # type: ignore[index]
     return norm * norm if squared else norm
-
-
-def _abs(m: Array) -> Array:
-    return jnp.abs(m)
-
-
-def _max(m: Array, axis: Any) -> Array:
-    return jnp.max(jnp.abs(m), axis=axis, initial=0)
 
 
 def grad_norm(
