@@ -570,6 +570,21 @@ def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
     return found
 
 
+def all_reduced_arrays(hlo_text: str) -> int:
+    """Number of arrays all-reduced in HLO text: a tuple all-reduce counts each of its arrays.
+
+    XLA merges independent all-reduces into one of many operands, and its CPU backend
+    meets every device once per operand, so on simulated devices this, not the number of
+    all-reduces, is what the step pays.
+    """
+    total = 0
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE.search(line)
+        if match is not None and match["op"] == "all-reduce":
+            total += len(_ARRAY.findall(match["shape"]))
+    return total
+
+
 # --- measuring ---------------------------------------------------------------------------
 
 
@@ -588,6 +603,7 @@ class Runner:
     collectives: dict[str, tuple[int, int]]
     times: list[float] = field(default_factory=list)
     compile_times: list[float] = field(default_factory=list)
+    all_reduced: int = 0
 
     def step(self) -> float:
         """Run one step, keep its new state; the wall time in seconds."""
@@ -628,6 +644,7 @@ def build(
         name, bench, place, compiled, state, batch, seconds, len(text), collectives(text)
     )
     runner.compile_times.append(seconds)
+    runner.all_reduced = all_reduced_arrays(text)
     return runner
 
 
@@ -700,13 +717,13 @@ def table(runners: list[Runner]) -> str:
 def collective_table(runners: list[Runner]) -> str:
     """Markdown: per variant, each kind of collective as `count (bytes on one device)`."""
     lines = [
-        "| variant | " + " | ".join(COLLECTIVES) + " | total bytes |",
-        "|---|" + "---:|" * (len(COLLECTIVES) + 1),
+        "| variant | " + " | ".join(COLLECTIVES) + " | total bytes | all-reduced arrays |",
+        "|---|" + "---:|" * (len(COLLECTIVES) + 2),
     ]
     for r in runners:
         cells = [f"{r.collectives[k][0]} ({r.collectives[k][1]:,})" for k in COLLECTIVES]
         total = sum(size for _, size in r.collectives.values())
-        lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {total:,} |")
+        lines.append(f"| {r.name} | " + " | ".join(cells) + f" | {total:,} | {r.all_reduced} |")
     return "\n".join(lines)
 
 
@@ -836,7 +853,7 @@ def main(argv: list[str] | None = None) -> str:
         if place.mesh is not None:
             sections.append(
                 "Collectives in the compiled step, count (bytes of the results on one "
-                "device):\n\n" + collective_table(runners)
+                "device), and the arrays all the all-reduces carry:\n\n" + collective_table(runners)
             )
     notes = []
     if "jaxgrad full diagnostics" in names:

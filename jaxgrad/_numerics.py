@@ -766,7 +766,11 @@ def partitioned_results(
         For each name, the vector of the leaves' results in `leaves`' order, the same on
         every device.
     """
-    from jax.experimental.custom_partitioning import SdyShardingRule, custom_partitioning
+    from jax.experimental.custom_partitioning import (
+        ArrayMapping,
+        SdyShardingRule,
+        custom_partitioning,
+    )
 
     names = tuple(names)
     whole = Piece(None, (0,), ())
@@ -832,9 +836,9 @@ def partitioned_results(
         ),
         sharding_rule=SdyShardingRule(
             operand_mappings=tuple(
-                tuple(f"x{k}d{d}" for d in range(x.ndim)) for k, x in enumerate(leaves)
+                ArrayMapping(*(f"x{k}d{d}" for d in range(x.ndim))) for k, x in enumerate(leaves)
             ),
-            result_mappings=tuple((f"r{j}",) for j in range(len(names))),
+            result_mappings=tuple(ArrayMapping(f"r{j}") for j in range(len(names))),
         ),
     )
 

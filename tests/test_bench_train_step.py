@@ -167,6 +167,7 @@ def test_collectives_are_counted_with_their_result_bytes(bench):
     assert found["all-gather"] == (2, 512 + 512)
     assert found["collective-permute"] == (1, 128)
     assert found["reduce-scatter"] == (0, 0) and found["all-to-all"] == (0, 0)
+    assert bench.all_reduced_arrays(HLO) == 1 + 2 + 1  # a tuple all-reduce counts each array
 
 
 def test_sharding_rule(bench):

@@ -852,10 +852,8 @@ def check_derivatives_vmap_and_no_shardy_under_auto_axes() -> None:
     host = {k: np.array(v) for k, v in jax.device_get(g).items()}
     host["l0/bias"][0] = 1.0  # squares in float32's range: the ordinary path's derivative
     g = jax.device_put(host, jax.tree.map(lambda x: x.sharding, g))
-    for name in ("grad_norm", "grad_rms"):
-        got = jax.jit(jax.grad(WHOLE_GRADIENT_OPS[name]))(g)
-        want = jax.grad(WHOLE_GRADIENT_OPS[name])(host)
-        assert_trees_close(got, want, f"grad of {name}", rtol=2e-6)
+    got = jax.jit(jax.grad(jg.grad_norm))(g)
+    assert_trees_close(got, jax.grad(jg.grad_norm)(host), "grad of grad_norm", rtol=2e-6)
     stacked = jax.device_put(
         np.stack([host["l1/kernel"] * k for k in (1.0, 2.0, 3.0)]),
         NamedSharding(mesh, P(None, "data")),
@@ -866,7 +864,7 @@ def check_derivatives_vmap_and_no_shardy_under_auto_axes() -> None:
     shardy = jax.config.jax_use_shardy_partitioner  # type: ignore[attr-defined]
     try:
         jax.config.update("jax_use_shardy_partitioner", not shardy)
-        for name in ("grad_clip_recipe", "grad_stats", "grad_nonfinite_report"):
+        for name in ("grad_clip_recipe", "grad_nonfinite_report"):
             got = jax.jit(WHOLE_GRADIENT_OPS[name])(g)
             assert_trees_close(got, WHOLE_GRADIENT_OPS[name](host), name, rtol=2e-6)
     finally:
