@@ -752,10 +752,12 @@ def partitioned_results(
     """Per-leaf results `names` of leaves whose placement the GSPMD partitioner decides.
 
     One call of `jax.experimental.custom_partitioning` for all of them: when XLA
-    partitions the step it gives each leaf's sharding to `_partition`, which reduces
+    partitions the step it gives each leaf's sharding to `partition`, which reduces
     every device's shards where they are (the small ones packed, as on one device) and
-    sums each leaf's results over the mesh axes that split it, one all-reduce per dtype
-    and set of axes and one for the maxima, whatever the number of leaves. (Left to the
+    sums each leaf's results over the mesh axes that split it, one all-reduce per set
+    of axes for the sums and counts (the counts in float where every count is exact,
+    up to 2**24 entries in float32; else one more, in integers) and one for the maxima,
+    whatever the number of leaves. (Left to the
     partitioner, each leaf's reduction gets its own all-reduce, which XLA merges into
     one collective of one operand per leaf and kind: on its CPU backend a rendezvous of
     every device per operand.) A leaf replicated along an axis is counted once; moving
@@ -774,6 +776,8 @@ def partitioned_results(
 
     names = tuple(names)
     whole = Piece(None, (0,), ())
+    # counts below 2**24 (float32's exact integers) travel with the sums
+    exact_count = sum(x.size for x in leaves) <= 2 ** (np.finfo(acc).nmant + 1)
 
     def reference(*xs: Array) -> tuple[Array, ...]:
         found = [
@@ -799,8 +803,12 @@ def partitioned_results(
             joined = {n: jnp.concatenate([f[n] for f in found]) for n in names}
             if piece_axes:
                 summed = {n: [v] for n, v in joined.items() if n != "max"}
+                if "count" in summed and exact_count:  # summed with the sums, in one psum
+                    summed["count"] = [summed["count"][0].astype(acc)]
                 if summed:
                     joined.update({n: v[0] for n, v in _psum_packed(summed, piece_axes).items()})
+                if "count" in joined:
+                    joined["count"] = joined["count"].astype(counting)
                 if "max" in joined:
                     joined["max"] = jax.lax.pmax(joined["max"], piece_axes)
             for n in names:
