@@ -789,33 +789,43 @@ def partitioned_results(
     def on_shards(axes: list[tuple[str, ...]], *xs: Array) -> tuple[Array, ...]:
         plan = layout(xs, axes, pack, local=True)
         values = [_values(x, acc) for x in xs]
-        by_axes: dict[tuple[str, ...], list[Piece]] = {}
-        for piece in plan.pieces:
-            by_axes.setdefault(piece.axes, []).append(piece)
-        vectors: dict[str, list[Array]] = {n: [] for n in names}
-        for piece_axes, pieces in by_axes.items():
-            found = [
-                _piece_results(
-                    p, _piece_values(p, values), xs[p.leaves[0]], names, spec, counting, True
-                )
-                for p in pieces
-            ]
-            joined = {n: jnp.concatenate([f[n] for f in found]) for n in names}
-            if piece_axes:
-                summed = {n: [v] for n, v in joined.items() if n != "max"}
-                if "count" in summed and exact_count:  # summed with the sums, in one psum
-                    summed["count"] = [summed["count"][0].astype(acc)]
-                if summed:
-                    joined.update({n: v[0] for n, v in _psum_packed(summed, piece_axes).items()})
-                if "count" in joined:
-                    joined["count"] = joined["count"].astype(counting)
-                if "max" in joined:
-                    joined["max"] = jax.lax.pmax(joined["max"], piece_axes)
-            for n in names:
-                vectors[n].append(joined[n])
-        order = [i for pieces in by_axes.values() for p in pieces for i in p.leaves]
-        back = np.argsort(np.asarray(order, np.int64))  # pieces' order -> leaves' order
-        return tuple(jnp.concatenate(vectors[n])[back] for n in names)
+        found = [
+            _piece_results(
+                p, _piece_values(p, values), xs[p.leaves[0]], names, spec, counting, True
+            )
+            for p in plan.pieces
+        ]
+        joined = {n: jnp.concatenate([f[n] for f in found]) for n in names}
+        split = tuple(sorted({a for leaf_axes in axes for a in leaf_axes}))
+        if split:
+            # One psum and one pmax over every axis that splits a leaf. Along an axis that
+            # does not split it, a leaf is the same on every device: its sums are kept on
+            # the first device of that axis only, so that it counts once.
+            need = [tuple(a for a in split if a not in axes[i]) for i in plan.order]
+            kinds = sorted(set(need))
+            first = {a: jax.lax.axis_index(a) == 0 for a in split}
+            table = jnp.stack(
+                [
+                    functools.reduce(jnp.logical_and, [first[a] for a in k], jnp.bool_(True))
+                    for k in kinds
+                ]
+            )
+            keep = table[np.asarray([kinds.index(k) for k in need], np.int32)]
+            summed = {
+                n: [jnp.where(keep, v, jnp.zeros((), v.dtype))]
+                for n, v in joined.items()
+                if n != "max"
+            }
+            if "count" in summed and exact_count:  # summed with the sums, in one psum
+                summed["count"] = [summed["count"][0].astype(acc)]
+            if summed:
+                joined.update({n: v[0] for n, v in _psum_packed(summed, split).items()})
+            if "count" in joined:
+                joined["count"] = joined["count"].astype(counting)
+            if "max" in joined:  # equal along the axes that do not split a leaf
+                joined["max"] = jax.lax.pmax(joined["max"], split)
+        back = np.argsort(plan.order)  # the pieces' order -> the leaves' order
+        return tuple(joined[n][back] for n in names)
 
     def partition(mesh: Any, arg_shapes: Any, result_shape: Any) -> Any:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
