@@ -754,14 +754,14 @@ def partitioned_results(
     One call of `jax.experimental.custom_partitioning` for all of them: when XLA
     partitions the step it gives each leaf's sharding to `partition`, which reduces
     every device's shards where they are (the small ones packed, as on one device) and
-    sums each leaf's results over the mesh axes that split it, one all-reduce per set
-    of axes for the sums and counts (the counts in float where every count is exact,
-    up to 2**24 entries in float32; else one more, in integers) and one for the maxima,
-    whatever the number of leaves. (Left to the
-    partitioner, each leaf's reduction gets its own all-reduce, which XLA merges into
-    one collective of one operand per leaf and kind: on its CPU backend a rendezvous of
-    every device per operand.) A leaf replicated along an axis is counted once; moving
-    no data, the call keeps every leaf's sharding. Differentiated or vmapped, it is the
+    sums the results over the mesh axes that split any leaf, whatever the number of
+    leaves and the axes: one all-reduce for the sums and counts (the counts in float
+    where every count is exact, up to 2**24 entries in float32; else one more, in
+    integers) and one for the maxima. A leaf that an axis does not split is counted on
+    that axis's first device only, hence once. (Left to the partitioner, each leaf's
+    reduction gets its own all-reduce, which XLA merges into collectives of one operand
+    per leaf and kind: on its CPU backend a rendezvous of every device per operand.)
+    Moving no data, the call keeps every leaf's sharding. Differentiated or vmapped, it is the
     per-leaf reductions it stands for, traced as they are.
 
     Returns:
