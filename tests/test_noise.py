@@ -298,7 +298,7 @@ def test_law_per_leaf_estimates_sum_to_the_whole_on_random_trees():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    @settings(max_examples=15, deadline=None)
+    @settings(max_examples=8, deadline=None)
     @given(trees(), st.integers(2, 4), st.floats(0.5, 64))
     def law(tree, count, b):
         leaves = jax.tree.leaves(tree)
