@@ -856,8 +856,9 @@ def check_kernels_per_leaf_under_auto_axes() -> None:
 
 @check
 def check_derivatives_vmap_and_no_shardy_under_auto_axes() -> None:
-    """The partitioned reduction is, differentiated, vmapped or partitioned by GSPMD
-    without Shardy, the per-leaf reductions it stands for: the values of one device."""
+    """The partitioned reduction is, differentiated, vmapped, inside `lax.scan` or
+    `lax.cond`, or partitioned by GSPMD without Shardy, the per-leaf reductions it stands
+    for: the values of one device."""
     mesh = make_mesh((8,), ("data",), explicit=False)
     g, _ = fsdp_tree(mesh)
     host = {k: np.array(v) for k, v in jax.device_get(g).items()}
@@ -872,6 +873,19 @@ def check_derivatives_vmap_and_no_shardy_under_auto_axes() -> None:
     got = jax.jit(jax.vmap(lambda x: jg.grad_clip({"x": x}, 1.0, by="leaf")[1]))(stacked)
     want = jax.vmap(lambda x: jg.grad_clip({"x": x}, 1.0, by="leaf")[1])(np.asarray(stacked))
     assert_trees_close(got, want, "vmapped recipe", rtol=2e-6)
+    # inside lax.scan and lax.cond (a microbatch loop, a guarded branch)
+    steps = jnp.arange(1.0, 4.0, dtype=jnp.float32)
+    scanned = jax.jit(
+        lambda t: jax.lax.scan(
+            lambda c, k: (c + jg.grad_norm(jax.tree.map(lambda x: x * k, t)), None), 0.0, steps
+        )[0]
+    )(g)
+    want = sum(
+        float(jg.grad_norm(jax.tree.map(lambda x, k=k: x * k, host))) for k in (1.0, 2.0, 3.0)
+    )
+    np.testing.assert_allclose(float(scanned), want, rtol=2e-6)
+    branched = jax.jit(lambda t, p: jax.lax.cond(p, lambda: jg.grad_norm(t), lambda: 0.0))(g, True)
+    np.testing.assert_allclose(float(branched), float(jg.grad_norm(host)), rtol=2e-6)
     shardy = jax.config.jax_use_shardy_partitioner  # type: ignore[attr-defined]
     try:
         jax.config.update("jax_use_shardy_partitioner", not shardy)
