@@ -202,12 +202,15 @@ def _whole_here(leaf: Array, local: bool) -> bool:
 
 
 def _placed_later(leaf: Array, local: bool) -> bool:
-    """A traced leaf under GSPMD `jax.jit` whose placement only the partitioner decides.
+    """A traced leaf under GSPMD `jax.jit` that may be split over the mesh.
 
-    Its type names no mesh, or only Auto axes (no Explicit or Manual ones), so nothing at
-    trace time says how it is split. Such leaves are reduced by `partitioned_results`,
-    which sees their shardings when XLA partitions the step (with Shardy, JAX's default
-    partitioner; without it they are reduced one by one where they are).
+    Its type names no mesh or only Auto axes, so nothing at trace time says how it is
+    split (the partitioner decides it later), or it names Explicit axes that split it.
+    Such leaves are reduced by `partitioned_results`, which sees their shardings when
+    XLA partitions the step: one all-reduce for all of them, where reducing each alone
+    gives the all-reduces one operand per leaf and kind. (With Shardy, JAX's default
+    partitioner; without it they are reduced one by one where they are. Inside
+    `shard_map` (Manual axes) the leaves are local and never reach here.)
     """
     if local or _one_device() or not isinstance(leaf, Tracer):
         return False
@@ -215,7 +218,8 @@ def _placed_later(leaf: Array, local: bool) -> bool:
         return False
     mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
     types = tuple(getattr(mesh, "axis_types", None) or ())
-    return all(t == jax.sharding.AxisType.Auto for t in types)
+    known = (jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit)
+    return all(t in known for t in types) and not _whole_here(leaf, local)
 
 
 class Piece(NamedTuple):

@@ -821,21 +821,23 @@ def all_reduce_operands(hlo: str) -> int:
 
 @check
 def check_leaves_split_along_different_axes_two_all_reduces() -> None:
-    """GSPMD jit, Auto axes, a 4 x 2 mesh: leaves split along data, model, both or none
-    are each counted once, in one all-reduce for the sums and counts and one for the
-    maxima, whatever the axes."""
-    mesh = make_mesh((4, 2), ("data", "model"), explicit=False)
+    """GSPMD jit, Auto or Explicit axes, a 4 x 2 mesh: leaves split along data, model,
+    both or none are each counted once, in one all-reduce for the sums and counts and
+    one for the maxima, whatever the axes."""
     rng = np.random.default_rng(1)
     specs = {"both": P("data", "model"), "data": P("data"), "model": P(None, "model"), "none": P()}
     tree = {k: rng.normal(size=(8, 6)).astype(np.float32) for k in specs}
     tree["data"][3, 1] = np.nan
     tree["none"][0, 0] = 3e30  # squares beyond float32: the scaled sums
-    g = jax.device_put(tree, {k: NamedSharding(mesh, s) for k, s in specs.items()})
-    for name in ("grad_clip_recipe", "grad_stats", "grad_nonfinite_report", "grad_norm"):
-        op = WHOLE_GRADIENT_OPS[name]
-        got, ops = jit_run(op, g)
-        assert_trees_close(got, op(tree), f"{name} on a 4 x 2 mesh", rtol=2e-6)
-        assert ops["all-reduce"] <= 2 and all(ops[m] == 0 for m in MOVING), (name, ops)
+    for explicit in (False, True):
+        mesh = make_mesh((4, 2), ("data", "model"), explicit=explicit)
+        g = jax.device_put(tree, {k: NamedSharding(mesh, s) for k, s in specs.items()})
+        for name in ("grad_clip_recipe", "grad_stats", "grad_nonfinite_report", "grad_norm"):
+            op = WHOLE_GRADIENT_OPS[name]
+            got, ops = jit_run(op, g)
+            label = f"{name} on a 4 x 2 mesh, explicit={explicit}"
+            assert_trees_close(got, op(tree), label, rtol=2e-6)
+            assert ops["all-reduce"] <= 2 and all(ops[m] == 0 for m in MOVING), (label, ops)
 
 
 @check
