@@ -33,6 +33,11 @@ and noise estimate of jaxgrad is computed by it. Its cost model (docs/performanc
   behind it is computed once, not inside every leaf's fusion (it would duplicate a
   select or a compare, and the whole chain with it; an optimization barrier does not
   help, as XLA removes it before fusion).
+- **Under GSPMD.** In a multi-device `jax.jit`, the leaves that the mesh may split
+  (Auto axes, or Explicit axes that split them) are reduced by one custom-partitioned
+  call (`partitioned_results`) that sees their shardings when XLA partitions the step:
+  each device reduces its shards, packed as above, and two all-reduces combine all of
+  them, where reducing each leaf alone gives one all-reduce operand per leaf and kind.
 - **Shards.** With `axis_name`, only the leaves that vary along an axis are summed over
   it; leaves that JAX's types say are invariant (replicated) are counted once. When the
   types carry no variance information (`shard_map(check_vma=False)`, `pmap`) every leaf
@@ -753,7 +758,7 @@ def partitioned_results(
     acc: Any,
     pack: bool = True,
 ) -> dict[str, Array]:
-    """Per-leaf results `names` of leaves whose placement the GSPMD partitioner decides.
+    """Per-leaf results `names` of leaves that GSPMD may split over the mesh (`_placed_later`).
 
     One call of `jax.experimental.custom_partitioning` for all of them: when XLA
     partitions the step it gives each leaf's sharding to `partition`, which reduces
@@ -765,8 +770,8 @@ def partitioned_results(
     that axis's first device only, hence once. (Left to the partitioner, each leaf's
     reduction gets its own all-reduce, which XLA merges into collectives of one operand
     per leaf and kind: on its CPU backend a rendezvous of every device per operand.)
-    Moving no data, the call keeps every leaf's sharding. Differentiated or vmapped, it is the
-    per-leaf reductions it stands for, traced as they are.
+    Moving no data, the call keeps every leaf's sharding. Differentiated or vmapped, it
+    is the per-leaf reductions it stands for, traced as they are.
 
     Returns:
         For each name, the vector of the leaves' results in `leaves`' order, the same on
@@ -806,15 +811,15 @@ def partitioned_results(
             # does not split it, a leaf is the same on every device: its sums are kept on
             # the first device of that axis only, so that it counts once.
             need = [tuple(a for a in split if a not in axes[i]) for i in plan.order]
-            kinds = sorted(set(need))
+            distinct = sorted(set(need))  # the sets of axes a leaf is replicated along
             first = {a: jax.lax.axis_index(a) == 0 for a in split}
             table = jnp.stack(
                 [
                     functools.reduce(jnp.logical_and, [first[a] for a in k], jnp.bool_(True))
-                    for k in kinds
+                    for k in distinct
                 ]
             )
-            keep = table[np.asarray([kinds.index(k) for k in need], np.int32)]
+            keep = table[np.asarray([distinct.index(k) for k in need], np.int32)]
             summed = {
                 n: [jnp.where(keep, v, jnp.zeros((), v.dtype))]
                 for n, v in joined.items()
