@@ -296,15 +296,6 @@ def _piece_values(piece: Piece, values: Sequence[Array]) -> Array:
     )
 
 
-def _reduce_piece(
-    piece: Piece, m: Array, transform: Callable[[Array], Array], reduce: Callable[..., Array]
-) -> Array:
-    """`reduce(transform(m))` per leaf of the piece: a vector of `len(piece.leaves)`."""
-    if piece.length is None:
-        return reduce(transform(m), axis=tuple(range(m.ndim))).reshape(1)
-    return reduce(transform(m), axis=1)
-
-
 # Exact sums of squares ----------------------------------------------------------------
 
 
@@ -352,10 +343,6 @@ def _producers(
         "max": lambda: jnp.abs(entries).astype(m.dtype),
         "abs": lambda: jnp.abs(entries).astype(m.dtype),
     }
-
-
-_SUM_KINDS = ("plain", "small", "large", "count", "abs")
-"""The kinds of reduction that are sums (the others: "max")."""
 
 
 def _piece_results(
