@@ -199,11 +199,15 @@ def _whole_here(leaf: Array, local: bool) -> bool:
             for name, t in zip(mesh.axis_names, types, strict=True)  # type: ignore[union-attr]
             if t == jax.sharding.AxisType.Explicit
         }
-        spec = getattr(sharding, "spec", ()) or ()
-        used = {n for entry in spec if entry is not None for n in np.atleast_1d(entry)}
-        return not (used & explicit)
+        return not (_spec_axes(sharding) & explicit)
     sharding = getattr(leaf, "sharding", None)
     return sharding is None or len(sharding.device_set) == 1 or sharding.is_fully_replicated
+
+
+def _spec_axes(sharding: Any) -> set[str]:
+    """The mesh axes that a sharding's partition spec splits along (none without a spec)."""
+    spec = getattr(sharding, "spec", None) or ()
+    return {n for entry in spec if entry is not None for n in np.atleast_1d(entry)}
 
 
 def _placed_later(leaf: Array, local: bool) -> bool:
@@ -832,12 +836,7 @@ def partitioned_results(
             if spec_ is None and not sharding.is_fully_replicated:
                 sharding = replicated  # not readable: gathered (never seen with Shardy)
             shardings.append(sharding)
-            used = {
-                n
-                for e in (getattr(sharding, "spec", None) or ())
-                if e is not None
-                for n in np.atleast_1d(e)
-            }
+            used = _spec_axes(sharding)
             axes.append(tuple(n for n in mesh.axis_names if n in used))
         results_ = tuple(replicated for _ in names)
         return mesh, functools.partial(on_shards, axes), results_, tuple(shardings)
